@@ -1,0 +1,7 @@
+//! NVMe over Fabrics on TCP: the command set, the NVMe/TCP transport, a host
+//! (initiator) and a controller (target).
+//!
+//! The engine reaches every storage node through this crate, and the storage node
+//! itself is this crate's target binary. Keeping the protocol here, with no engine
+//! logic, lets any standard NVMe/TCP target (Linux nvmet, SPDK) stand in for ours and
+//! lets the Linux kernel host test our target.
