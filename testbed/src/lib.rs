@@ -1,0 +1,7 @@
+//! The testbed: everything that runs our components against real peers on one machine.
+//!
+//! Today it holds the QEMU guest machinery ([`guest`]) that the kernel-peer tests use
+//! (the Linux kernel's NVMe/TCP host and target against our target and host); the
+//! loopback cluster, fault injection and benchmark reports build on it later.
+
+pub mod guest;
