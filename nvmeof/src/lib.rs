@@ -5,3 +5,4 @@
 //! itself is this crate's target binary. Keeping the protocol here, with no engine
 //! logic, lets any standard NVMe/TCP target (Linux nvmet, SPDK) stand in for ours and
 //! lets the Linux kernel host test our target.
+pub mod backend;
