@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
         _ => bail!(
             "testbed: the loopback cluster arrives with the dpud issue; see scripts/main-job\n\
              usage: testbed guest-run SCRIPT [--forward HOSTPORT:GUESTPORT]... [--passt] \
-             [--timeout SECS]"
+             [--timeout SECS] [--kernel-arg WORD]..."
         ),
     }
 }
@@ -27,6 +27,7 @@ fn guest_run(args: &[String]) -> anyhow::Result<()> {
     let mut forwards = Vec::new();
     let mut network = Network::Slirp;
     let mut timeout = Duration::from_secs(300);
+    let mut kernel_args = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -38,6 +39,9 @@ fn guest_run(args: &[String]) -> anyhow::Result<()> {
                 forwards.push((h.parse::<u16>()?, g.parse::<u16>()?));
             }
             "--passt" => network = Network::Passt,
+            "--kernel-arg" => {
+                kernel_args.push(it.next().context("--kernel-arg needs a word")?.clone());
+            }
             "--timeout" => {
                 let secs: u64 = it.next().context("--timeout needs seconds")?.parse()?;
                 timeout = Duration::from_secs(secs);
@@ -53,6 +57,7 @@ fn guest_run(args: &[String]) -> anyhow::Result<()> {
     let mut config = GuestConfig::new("manual", script)
         .network(network)
         .timeout(timeout);
+    config.kernel_args = kernel_args;
     for (h, g) in forwards {
         config = config.forward(h, g);
     }

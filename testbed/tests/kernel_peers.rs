@@ -2,9 +2,17 @@
 //! target and host (docs/testing.md). Ignored in a plain `cargo test`; `scripts/test`
 //! runs them with `--ignored` after `cargo build --workspace --bins`.
 
-use std::time::Duration;
+// The helpers below are test code too: a panic is a failed test with its message.
+#![allow(clippy::unwrap_used)]
 
-use testbed::guest::{self, GuestConfig, GuestEnv, GuestRun};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testbed::bins::workspace_binary;
+use testbed::guest::{self, GuestConfig, GuestEnv, GuestRun, HOST_ADDR_FROM_GUEST};
 
 fn env() -> GuestEnv {
     GuestEnv::discover().unwrap_or_else(|e| panic!("{e}"))
@@ -40,7 +48,7 @@ must connect nvme connect -t tcp -a 127.0.0.1 -s 4420 -n "$nqn"
 wait_for_path /dev/nvme0n1 100 || fail "no /dev/nvme0n1 10 s after connect"
 must fio fio --name=selfcheck --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio \
     --iodepth=16 --rw=randwrite --bssplit=4k/50:64k/50 --size=8M --verify=crc32c \
-    --verify_fatal=1
+    --verify_fatal=1 --output-format=json
 must disconnect nvme disconnect -n "$nqn"
 "#;
     let _one = guest::exclusive();
@@ -53,6 +61,296 @@ must disconnect nvme disconnect -n "$nqn"
         discover.contains("subnqn:  nqn.2026-11.io.testbed:selfcheck"),
         "discovery log lacks the subsystem:\n{discover}"
     );
-    let fio = ok(run.output("fio"));
-    assert!(fio.contains("err= 0"), "fio:\n{fio}");
+    let (written, verified) = fio_bytes(&run, "fio");
+    assert!(
+        written >= 4 << 20 && verified >= written,
+        "fio wrote {written}, verified {verified}"
+    );
+}
+
+/// `nvmeof-target` running on the host; killed on drop.
+struct TargetProcess {
+    child: Child,
+    command: String,
+    log: PathBuf,
+}
+
+impl TargetProcess {
+    /// Starts the target with `args` and waits for its ready file.
+    fn start(dir: &Path, args: &[String]) -> Self {
+        let bin = workspace_binary("nvmeof-target").unwrap_or_else(|e| panic!("{e}"));
+        let ready = dir.join("target.ready");
+        let log = dir.join("target.log");
+        let _ = fs::remove_file(&ready);
+        let mut cmd = Command::new(&bin);
+        cmd.args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(dir.join("target.stderr")).unwrap());
+        let command = format!("{cmd:?}");
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{command}: {e}"));
+        let mut target = Self {
+            child,
+            command,
+            log,
+        };
+        let started = Instant::now();
+        while !ready.exists() {
+            if let Ok(Some(status)) = target.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before it was ready\n{}",
+                    target.command,
+                    target.output()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} not ready after 30 s\n{}",
+                target.command,
+                target.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        target
+    }
+
+    /// The target's stdout and stderr so far.
+    fn output(&self) -> String {
+        let out = fs::read_to_string(&self.log).unwrap_or_default();
+        let err = fs::read_to_string(self.log.with_file_name("target.stderr")).unwrap_or_default();
+        format!("--- target stdout ---\n{out}\n--- target stderr ---\n{err}")
+    }
+
+    /// Fails if the target died during the test (a panic or crash is a bug even when the
+    /// guest saw no error).
+    fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited with {status} during the test\n{}",
+                self.command,
+                self.output()
+            );
+        }
+    }
+}
+
+impl Drop for TargetProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json(run: &GuestRun, section: &str) -> Value {
+    let text = ok(run.output(section));
+    // nvme-cli may print warnings before the JSON document.
+    let start = text
+        .find('{')
+        .unwrap_or_else(|| panic!("{section}: no JSON in output:\n{text}\n{}", run.report()));
+    serde_json::from_str(&text[start..])
+        .unwrap_or_else(|e| panic!("{section}: bad JSON ({e}):\n{text}\n{}", run.report()))
+}
+
+fn json_u64(v: &Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no numeric {key} in {v}"))
+}
+
+fn json_str<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string {key} in {v}"))
+}
+
+/// Bytes written and read by the single job of fio step `section` (JSON output), which
+/// must have reported no error.
+fn fio_bytes(run: &GuestRun, section: &str) -> (u64, u64) {
+    let v = json(run, section);
+    let job = v
+        .get("jobs")
+        .and_then(|j| j.get(0))
+        .unwrap_or_else(|| panic!("{section}: no jobs in fio output: {v}"));
+    assert_eq!(json_u64(job, "error"), 0, "{section}: fio job error: {job}");
+    let bytes = |dir: &str| {
+        job.get(dir)
+            .map(|d| json_u64(d, "io_bytes"))
+            .unwrap_or_else(|| panic!("{section}: no {dir} stats: {job}"))
+    };
+    (bytes("write"), bytes("read"))
+}
+
+/// A host NQN the target does not allow.
+const STRANGER_HOSTNQN: &str =
+    "nqn.2014-08.org.nvmexpress:uuid:5f1c0de2-7a0b-4c55-9d1e-0badbadbad01";
+
+/// The Linux kernel's NVMe/TCP host (nvme-cli, nvme-tcp) against our `nvmeof-target`
+/// serving a file: discovery, the allow-list, Identify, and fio with verification over
+/// in-capsule and R2T writes, first without and then with header and data digests.
+#[test]
+#[ignore = "needs QEMU and the guest kernel; run by scripts/test"]
+fn kernel_host_against_our_target() {
+    const NS_BYTES: u64 = 64 << 20;
+    let nqn = "nqn.2026-11.io.testbed:kernel-host";
+    let dir = std::env::temp_dir().join(format!("kernel-host-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("ns1.img");
+    fs::File::create(&image).unwrap().set_len(NS_BYTES).unwrap();
+
+    let _one = guest::exclusive();
+    let port = guest::free_local_port().unwrap();
+    let mut target = TargetProcess::start(
+        &dir,
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--subsystem".into(),
+            nqn.into(),
+            "--file".into(),
+            image.display().to_string(),
+            "--allow-host".into(),
+            guest::GUEST_HOSTNQN.into(),
+        ],
+    );
+
+    let script = format!(
+        r#"
+a={host} s={port} nqn={nqn}
+must discover nvme discover -t tcp -a $a -s $s
+# The allow-list: a host NQN the target does not know must be refused.
+section stranger nvme connect -t tcp -a $a -s $s -n $nqn --hostnqn={stranger}
+must connect nvme connect -t tcp -a $a -s $s -n $nqn
+wait_for_path /dev/nvme0n1 100 || fail "no /dev/nvme0n1 10 s after connect"
+must list ls /dev/
+must id_ctrl nvme id-ctrl /dev/nvme0 -o json
+must id_ns nvme id-ns /dev/nvme0n1 -o json
+must sectors cat /sys/block/nvme0n1/size
+must queues cat /sys/block/nvme0n1/queue/max_hw_sectors_kb /sys/class/nvme/nvme0/queue_count
+# 4-8 KiB writes go in-capsule (the target's I/O in-capsule size is 8 KiB); larger
+# ones are solicited with R2T and sent as H2CData; verification reads come back as
+# C2HData.
+must fio fio --name=mixed --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio \
+    --iodepth=16 --rw=randwrite --bssplit=4k/25:8k/15:16k/20:64k/20:128k/20 \
+    --size=24M --verify=crc32c --verify_fatal=1 --output-format=json
+must fio_seq fio --name=seq --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio \
+    --iodepth=8 --rw=write --bs=256k --offset=32M --size=8M --verify=crc32c \
+    --verify_fatal=1 --output-format=json
+must disconnect nvme disconnect -n $nqn
+# Again with header and data digests (nvme connect fails if they are not negotiated).
+must connect_digest nvme connect -t tcp -a $a -s $s -n $nqn --hdr-digest --data-digest
+wait_for_path /dev/nvme0n1 100 || fail "no /dev/nvme0n1 10 s after the digest connect"
+must fio_digest fio --name=digest --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio \
+    --iodepth=8 --rw=randwrite --bssplit=4k/40:32k/30:128k/30 --offset=48M --size=8M \
+    --verify=crc32c --verify_fatal=1 --output-format=json
+must disconnect_digest nvme disconnect -n $nqn
+"#,
+        host = HOST_ADDR_FROM_GUEST,
+        stranger = STRANGER_HOSTNQN,
+    );
+    let config = GuestConfig::new("kernel-host", script).timeout(Duration::from_secs(150));
+    let run = ok(env().run(config));
+    timings(&run);
+    target.assert_alive();
+    if let Err(e) = run.check() {
+        panic!("{e}\n{}", target.output());
+    }
+
+    let discover = ok(run.output("discover"));
+    assert!(
+        discover.contains(&format!("subnqn:  {nqn}")),
+        "our subsystem is not in the discovery log:\n{discover}"
+    );
+    let stranger = ok(run.section("stranger"));
+    assert_ne!(
+        stranger.rc,
+        Some(0),
+        "a host outside the allow-list connected:\n{}",
+        stranger.output
+    );
+
+    let ctrl = json(&run, "id_ctrl");
+    assert_eq!(json_str(&ctrl, "subnqn"), nqn, "id-ctrl: {ctrl}");
+    assert!(json_u64(&ctrl, "nn") >= 1, "id-ctrl nn: {ctrl}");
+    let mdts = json_u64(&ctrl, "mdts");
+    assert!(
+        (1..=20).contains(&mdts),
+        "id-ctrl mdts {mdts} (0 would be unlimited)"
+    );
+    assert!(
+        !json_str(&ctrl, "sn").trim().is_empty(),
+        "id-ctrl sn empty: {ctrl}"
+    );
+    assert!(
+        !json_str(&ctrl, "mn").trim().is_empty(),
+        "id-ctrl mn empty: {ctrl}"
+    );
+
+    let ns = json(&run, "id_ns");
+    let flbas = json_u64(&ns, "flbas") & 0xf;
+    let lbaf = ns
+        .get("lbafs")
+        .and_then(Value::as_array)
+        .and_then(|l| l.get(usize::try_from(flbas).unwrap()))
+        .unwrap_or_else(|| panic!("id-ns has no lbafs[{flbas}]: {ns}"));
+    let lba_bytes = 1u64 << json_u64(lbaf, "ds");
+    assert!(
+        lba_bytes == 512 || lba_bytes == 4096,
+        "LBA size {lba_bytes}: {ns}"
+    );
+    assert_eq!(
+        json_u64(&ns, "nsze") * lba_bytes,
+        NS_BYTES,
+        "id-ns nsze: {ns}"
+    );
+    assert!(
+        json_u64(&ns, "ncap") <= json_u64(&ns, "nsze"),
+        "id-ns ncap: {ns}"
+    );
+    let sectors: u64 = ok(run.output("sectors")).trim().parse().unwrap();
+    assert_eq!(
+        sectors * 512,
+        NS_BYTES,
+        "the kernel sized the disk differently"
+    );
+
+    // fio exits 0 having done nothing when a job's region lies outside the device, so
+    // check the bytes moved as well as the status.
+    let mixed = fio_bytes(&run, "fio");
+    assert!(
+        mixed.0 >= 8 << 20 && mixed.1 >= mixed.0,
+        "fio mixed wrote/verified {mixed:?}"
+    );
+    let seq = fio_bytes(&run, "fio_seq");
+    assert!(
+        seq.0 == 8 << 20 && seq.1 == seq.0,
+        "fio seq wrote/verified {seq:?}"
+    );
+    let digest = fio_bytes(&run, "fio_digest");
+    assert!(
+        digest.0 >= 4 << 20 && digest.1 >= digest.0,
+        "fio digest wrote/verified {digest:?}"
+    );
+    assert!(
+        ok(run.output("disconnect")).contains("disconnected 1 controller"),
+        "{}",
+        run.report()
+    );
+
+    // What fio wrote went to the file: its verify headers start with magic 0xacca.
+    let data = fs::read(&image).unwrap();
+    let written = data
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count();
+    assert!(
+        // fio's mixed-size random runs stop short of --size (their random map is in
+        // units of the smallest block), so expect about 13 + 8 + 4 MiB, not 40.
+        written >= 20 * 256,
+        "only {written} non-zero 4 KiB blocks in the namespace file"
+    );
+    let _ = fs::remove_dir_all(&dir);
 }

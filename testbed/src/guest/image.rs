@@ -84,6 +84,8 @@ impl KernelTree {
 pub struct ImageSpec {
     /// Modules loaded at boot, in order (dependencies are added automatically).
     pub modules: Vec<String>,
+    /// Modules shipped for test scripts to load with their own parameters.
+    pub shipped_modules: Vec<String>,
     /// Host programs copied with their shared libraries.
     pub binaries: Vec<PathBuf>,
 }
@@ -91,8 +93,16 @@ pub struct ImageSpec {
 impl Default for ImageSpec {
     /// The lists in `testbed/guest/modules.list` and `testbed/guest/binaries.list`.
     fn default() -> Self {
+        let modules_with = |verb: &str| {
+            list_lines(MODULES_LIST)
+                .filter_map(|l| l.strip_prefix(verb))
+                .filter(|rest| rest.starts_with(char::is_whitespace))
+                .map(|rest| rest.trim().to_owned())
+                .collect()
+        };
         Self {
-            modules: list_lines(MODULES_LIST).map(str::to_owned).collect(),
+            modules: modules_with("load"),
+            shipped_modules: modules_with("ship"),
             binaries: list_lines(BINARIES_LIST).map(PathBuf::from).collect(),
         }
     }
@@ -127,7 +137,7 @@ pub fn base_image(
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     fs::create_dir_all(work_dir).map_err(|e| GuestError::io(work_dir, e))?;
 
-    let modules = module_closure(kernel, &spec.modules)?;
+    let modules = module_closure(kernel, &spec.modules, &spec.shipped_modules)?;
     let mut files = Vec::new();
     for (rel, source) in &modules.files {
         files.push(HostFile {
@@ -293,7 +303,11 @@ struct ModuleSet {
     load_order: Vec<String>,
 }
 
-fn module_closure(kernel: &KernelTree, wanted: &[String]) -> Result<ModuleSet, GuestError> {
+fn module_closure(
+    kernel: &KernelTree,
+    load: &[String],
+    ship: &[String],
+) -> Result<ModuleSet, GuestError> {
     let mut by_name = BTreeMap::new();
     index_modules(&kernel.modules_dir, &kernel.modules_dir, &mut by_name)?;
     let builtin_path = kernel.modules_dir.join("modules.builtin");
@@ -308,10 +322,16 @@ fn module_closure(kernel: &KernelTree, wanted: &[String]) -> Result<ModuleSet, G
     let mut load_order = Vec::new();
     let mut seen = BTreeSet::new();
     let mut queue: Vec<String> = Vec::new();
-    for m in wanted {
+    for (m, at_boot) in load
+        .iter()
+        .map(|m| (m, true))
+        .chain(ship.iter().map(|m| (m, false)))
+    {
         let name = module_name(m);
         if by_name.contains_key(&name) {
-            load_order.push(m.clone());
+            if at_boot {
+                load_order.push(m.clone());
+            }
             queue.push(name);
         } else if !builtin.contains(&name) {
             return Err(GuestError::Setup(format!(
@@ -474,8 +494,13 @@ mod tests {
     #[test]
     fn default_spec_lists_the_nvme_modules_and_tools() {
         let spec = ImageSpec::default();
-        for m in ["nvme-tcp", "nvmet-tcp", "brd", "virtio_net"] {
+        for m in ["nvme-tcp", "nvmet-tcp", "virtio_net"] {
             assert!(spec.modules.iter().any(|x| x == m), "{m} missing");
+        }
+        // brd and null_blk take their sizes as module parameters: loaded by the tests.
+        for m in ["brd", "null_blk"] {
+            assert!(spec.shipped_modules.iter().any(|x| x == m), "{m} missing");
+            assert!(!spec.modules.iter().any(|x| x == m), "{m} loaded at boot");
         }
         assert!(spec.binaries.contains(&PathBuf::from("/bin/busybox")));
         assert!(spec.binaries.contains(&PathBuf::from("/usr/bin/fio")));

@@ -142,6 +142,10 @@ pub(super) fn start(env: &GuestEnv, config: GuestConfig) -> Result<RunningGuest,
         "panic=-1".to_owned(),
         "mitigations=off".to_owned(),
         "8250.nr_uarts=1".to_owned(),
+        // Under TCG the crypto self-tests and the LSMs cost 1.5-3 s of every boot.
+        "cryptomgr.notests".to_owned(),
+        "audit=0".to_owned(),
+        "lsm=capability".to_owned(),
     ];
     let mut passt = None;
     let mut passt_socket = None;
