@@ -6,6 +6,7 @@
 //! logic, lets any standard NVMe/TCP target (Linux nvmet, SPDK) stand in for ours and
 //! lets the Linux kernel host test our target.
 pub mod backend;
+pub mod target;
 
 pub mod nvme;
 pub mod tcp;

@@ -1,0 +1,422 @@
+//! Subsystems, namespaces and controllers: the state that outlives one TCP
+//! connection.
+//!
+//! A controller is created by an admin-queue Connect and joined by I/O-queue Connects
+//! that name its controller id, so it is the one object every connection of a host
+//! association shares. Everything here is touched on the control path (connect,
+//! property access, keep-alive) or through atomics; the I/O path reads only
+//! immutable namespace data and bumps counters, so no lock is ever held across an
+//! await.
+
+use crate::backend::Backend;
+use crate::nvme::{CcRegister, CstsRegister, ErrorLogEntry, Status};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+
+/// Lock a mutex, recovering from poisoning (a panicked holder cannot leave these
+/// simple maps in a state worse than stale).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// 128-bit FNV-1a: a stable (across builds and Rust versions) hash for identifiers
+/// derived from configuration.
+pub(crate) fn fnv128(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    let prime: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    for p in parts {
+        for &b in p.iter().chain(std::iter::once(&0xffu8)) {
+            h ^= u128::from(b);
+            h = h.wrapping_mul(prime);
+        }
+    }
+    h.to_be_bytes()
+}
+
+/// One namespace of a subsystem.
+#[derive(Debug)]
+pub(crate) struct Namespace {
+    pub nsid: u32,
+    pub backend: Arc<dyn Backend>,
+    pub nguid: [u8; 16],
+    pub uuid: [u8; 16],
+    /// Size in logical blocks.
+    pub blocks: u64,
+    pub block_size: u32,
+}
+
+/// What kind of subsystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubsystemKind {
+    Discovery,
+    Nvm,
+}
+
+/// An NVM or discovery subsystem.
+#[derive(Debug)]
+pub(crate) struct Subsystem {
+    pub kind: SubsystemKind,
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    /// Sorted by NSID.
+    pub namespaces: Vec<Namespace>,
+    pub allowed_hosts: HashSet<String>,
+    pub allow_any_host: bool,
+    pub controllers: Mutex<HashMap<u16, Arc<Controller>>>,
+    next_cntlid: AtomicU16,
+}
+
+impl Subsystem {
+    pub fn new(
+        kind: SubsystemKind,
+        nqn: String,
+        serial: Option<String>,
+        model: String,
+        namespaces: Vec<Namespace>,
+        allowed_hosts: HashSet<String>,
+        allow_any_host: bool,
+    ) -> Self {
+        let serial = serial.unwrap_or_else(|| {
+            let h = fnv128(&[b"serial", nqn.as_bytes()]);
+            h[..10].iter().map(|b| format!("{b:02x}")).collect()
+        });
+        Self {
+            kind,
+            nqn,
+            serial,
+            model,
+            namespaces,
+            allowed_hosts,
+            allow_any_host,
+            controllers: Mutex::new(HashMap::new()),
+            next_cntlid: AtomicU16::new(1),
+        }
+    }
+
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        self.kind == SubsystemKind::Discovery
+            || self.allow_any_host
+            || self.allowed_hosts.contains(hostnqn)
+    }
+
+    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+        self.namespaces
+            .binary_search_by_key(&nsid, |n| n.nsid)
+            .ok()
+            .map(|i| &self.namespaces[i])
+    }
+
+    /// Highest NSID (Identify Controller NN).
+    pub fn max_nsid(&self) -> u32 {
+        self.namespaces.last().map_or(0, |n| n.nsid)
+    }
+
+    /// A free controller id in 1..=0xFFEF (0xFFF0.. are reserved).
+    fn alloc_cntlid(&self, taken: &HashMap<u16, Arc<Controller>>) -> Option<u16> {
+        for _ in 0..0xFFEF {
+            let id = self.next_cntlid.fetch_add(1, Ordering::Relaxed);
+            let id = if (1..=0xFFEF).contains(&id) {
+                id
+            } else {
+                self.next_cntlid.store(2, Ordering::Relaxed);
+                1
+            };
+            if !taken.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Create and register a controller; `None` if every id is in use.
+    pub fn create_controller(
+        self: &Arc<Self>,
+        hostnqn: String,
+        hostid: [u8; 16],
+        kato_ms: u32,
+        max_io_queues: u16,
+    ) -> Option<Arc<Controller>> {
+        let mut map = lock(&self.controllers);
+        let cntlid = self.alloc_cntlid(&map)?;
+        let (teardown, _) = watch::channel(None);
+        let (io_reset, _) = watch::channel(0u64);
+        let c = Arc::new(Controller {
+            cntlid,
+            subsys: Arc::clone(self),
+            hostnqn,
+            hostid,
+            cc: AtomicU32::new(0),
+            csts: AtomicU32::new(0),
+            kato_ms: AtomicU32::new(kato_ms),
+            kato_changed: Notify::new(),
+            last_keep_alive: Mutex::new(Instant::now()),
+            max_io_queues,
+            granted_io_queues: AtomicU16::new(max_io_queues),
+            io_qids: Mutex::new(HashSet::new()),
+            aec: AtomicU32::new(0),
+            write_cache: AtomicBool::new(true),
+            errors: Mutex::new(VecDeque::new()),
+            error_count: AtomicU64::new(0),
+            stats: Stats::default(),
+            created: Instant::now(),
+            teardown,
+            io_reset,
+        });
+        map.insert(cntlid, Arc::clone(&c));
+        Some(c)
+    }
+
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        lock(&self.controllers).get(&cntlid).cloned()
+    }
+}
+
+/// Why a controller went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TeardownReason {
+    /// The admin queue disconnected or its connection closed.
+    AdminGone,
+    /// No Keep Alive within KATO.
+    KeepAliveExpired,
+}
+
+/// I/O counters for the SMART log.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub read_cmds: AtomicU64,
+    pub write_cmds: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub media_errors: AtomicU64,
+}
+
+/// Error log depth (ELPE + 1).
+pub(crate) const ERROR_LOG_ENTRIES: usize = 64;
+
+/// A controller: one host association with a subsystem.
+#[derive(Debug)]
+pub(crate) struct Controller {
+    pub cntlid: u16,
+    pub subsys: Arc<Subsystem>,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    cc: AtomicU32,
+    csts: AtomicU32,
+    kato_ms: AtomicU32,
+    kato_changed: Notify,
+    last_keep_alive: Mutex<Instant>,
+    pub max_io_queues: u16,
+    granted_io_queues: AtomicU16,
+    io_qids: Mutex<HashSet<u16>>,
+    pub aec: AtomicU32,
+    write_cache: AtomicBool,
+    errors: Mutex<VecDeque<ErrorLogEntry>>,
+    error_count: AtomicU64,
+    pub stats: Stats,
+    pub created: Instant,
+    teardown: watch::Sender<Option<TeardownReason>>,
+    /// Bumped when the controller is disabled (CC.EN 1 -> 0): I/O queues close.
+    io_reset: watch::Sender<u64>,
+}
+
+impl Controller {
+    pub fn cc(&self) -> CcRegister {
+        CcRegister::from_u32(self.cc.load(Ordering::Acquire))
+    }
+
+    pub fn csts(&self) -> CstsRegister {
+        CstsRegister::from_u32(self.csts.load(Ordering::Acquire))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.csts().rdy
+    }
+
+    /// Write CC, acting on enable, disable and shutdown transitions.
+    pub fn set_cc(&self, value: u32) {
+        let new = CcRegister::from_u32(value);
+        let old = CcRegister::from_u32(self.cc.swap(value, Ordering::AcqRel));
+        let mut csts = self.csts();
+        if new.shn != 0 {
+            // Normal or abrupt shutdown: nothing is cached outside the backends, so
+            // shutdown processing is complete at once.
+            csts.shst = 0b10;
+        } else if old.shn != 0 {
+            csts.shst = 0;
+        }
+        if new.en && !old.en {
+            // 64-byte SQEs and 16-byte CQEs are the only sizes NVMe over Fabrics has.
+            if !matches!(new.iosqes, 0 | 6) || !matches!(new.iocqes, 0 | 4) {
+                csts.cfs = true;
+            } else {
+                csts.rdy = true;
+            }
+        } else if !new.en && old.en {
+            csts.rdy = false;
+            csts.cfs = false;
+            csts.shst = if new.shn != 0 { 0b10 } else { 0 };
+            // A reset deletes the I/O queues: their connections close.
+            self.io_reset.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        self.csts.store(csts.to_u32(), Ordering::Release);
+    }
+
+    /// Volatile write cache enabled (Set Features 06h); when off, writes are flushed
+    /// before they complete.
+    pub fn write_cache_enabled(&self) -> bool {
+        self.write_cache.load(Ordering::Acquire)
+    }
+
+    pub fn set_write_cache(&self, on: bool) {
+        self.write_cache.store(on, Ordering::Release);
+    }
+
+    pub fn kato_ms(&self) -> u32 {
+        self.kato_ms.load(Ordering::Acquire)
+    }
+
+    pub fn set_kato_ms(&self, ms: u32) {
+        self.kato_ms.store(ms, Ordering::Release);
+        self.keep_alive();
+        self.kato_changed.notify_waiters();
+    }
+
+    pub fn keep_alive(&self) {
+        *lock(&self.last_keep_alive) = Instant::now();
+    }
+
+    pub fn granted_io_queues(&self) -> u16 {
+        self.granted_io_queues.load(Ordering::Acquire)
+    }
+
+    /// Set Features (Number of Queues): grant up to our maximum.
+    pub fn request_io_queues(&self, requested: u32) -> u16 {
+        let n = u16::try_from(requested.min(u32::from(self.max_io_queues)))
+            .unwrap_or(1)
+            .max(1);
+        self.granted_io_queues.store(n, Ordering::Release);
+        n
+    }
+
+    pub fn has_io_queues(&self) -> bool {
+        !lock(&self.io_qids).is_empty()
+    }
+
+    /// Register an I/O queue id; false if it is already connected.
+    pub fn add_io_queue(&self, qid: u16) -> bool {
+        lock(&self.io_qids).insert(qid)
+    }
+
+    pub fn remove_io_queue(&self, qid: u16) {
+        lock(&self.io_qids).remove(&qid);
+    }
+
+    pub fn subscribe_teardown(&self) -> watch::Receiver<Option<TeardownReason>> {
+        self.teardown.subscribe()
+    }
+
+    pub fn subscribe_io_reset(&self) -> watch::Receiver<u64> {
+        self.io_reset.subscribe()
+    }
+
+    /// Tear the controller down: every connection of it closes, and it leaves the
+    /// subsystem so its id can be reused.
+    pub fn teardown(&self, why: TeardownReason) {
+        let first = self.teardown.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+        if first {
+            tracing::info!(
+                cntlid = self.cntlid,
+                subnqn = %self.subsys.nqn,
+                hostnqn = %self.hostnqn,
+                reason = ?why,
+                "controller torn down"
+            );
+            let mut map = lock(&self.subsys.controllers);
+            if map
+                .get(&self.cntlid)
+                .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), self))
+            {
+                map.remove(&self.cntlid);
+            }
+        }
+    }
+
+    /// Record a failed command in the error log.
+    pub fn log_error(&self, sqid: u16, cid: u16, status: Status, nsid: u32, lba: u64) {
+        let n = self
+            .error_count
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
+        let e = ErrorLogEntry {
+            error_count: n,
+            sqid,
+            cid,
+            status: status.to_word(),
+            param_error_location: 0xFFFF,
+            lba,
+            nsid,
+            vs: 0,
+            trtype: 3,
+            csi: 0,
+            ttsi: 0,
+        };
+        let mut log = lock(&self.errors);
+        if log.len() == ERROR_LOG_ENTRIES {
+            log.pop_back();
+        }
+        log.push_front(e);
+    }
+
+    /// Error log entries, newest first.
+    pub fn error_log(&self) -> Vec<ErrorLogEntry> {
+        lock(&self.errors).iter().copied().collect()
+    }
+
+    pub fn error_count(&self) -> u64 {
+        self.error_count.load(Ordering::Acquire)
+    }
+
+    /// Run the keep-alive timer until the controller goes away; tear it down if KATO
+    /// passes without a Keep Alive.
+    pub async fn keep_alive_watchdog(self: Arc<Self>) {
+        let mut gone = self.subscribe_teardown();
+        loop {
+            if gone.borrow().is_some() {
+                return;
+            }
+            let kato = self.kato_ms();
+            let changed = self.kato_changed.notified();
+            if kato == 0 {
+                tokio::select! {
+                    _ = changed => continue,
+                    _ = gone.changed() => return,
+                }
+            }
+            let deadline = *lock(&self.last_keep_alive) + Duration::from_millis(u64::from(kato));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let last = *lock(&self.last_keep_alive);
+                    let kato = Duration::from_millis(u64::from(self.kato_ms()));
+                    if !kato.is_zero() && last.elapsed() >= kato {
+                        tracing::warn!(cntlid = self.cntlid, "keep-alive timeout ({} ms)", kato.as_millis());
+                        self.teardown(TeardownReason::KeepAliveExpired);
+                        return;
+                    }
+                }
+                _ = changed => {}
+                _ = gone.changed() => return,
+            }
+        }
+    }
+}
