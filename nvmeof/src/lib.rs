@@ -10,3 +10,6 @@ pub mod target;
 
 pub mod nvme;
 pub mod tcp;
+
+#[doc(hidden)]
+pub mod fuzzing;

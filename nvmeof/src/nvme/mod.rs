@@ -75,20 +75,23 @@ pub(crate) mod le {
 /// with NUL bytes. Decoding strips the padding of either kind and keeps the
 /// text as lossy UTF-8, so that a peer's garbage is visible, not fatal.
 pub(crate) mod text {
-    /// Writes `s` into `dst`, truncated to its width, padded with `pad`.
+    /// Writes `s` into `dst`, truncated to its width at a character
+    /// boundary, padded with `pad`.
     pub fn put(dst: &mut [u8], s: &str, pad: u8) {
         dst.fill(pad);
-        let n = s.len().min(dst.len());
+        let mut n = s.len().min(dst.len());
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
         dst[..n].copy_from_slice(&s.as_bytes()[..n]);
     }
-    /// Reads a padded field back to a string without its trailing padding.
+    /// Reads a padded field back: up to the first NUL, without trailing spaces.
     pub fn get(src: &[u8]) -> String {
-        let end = src
+        let end = src.iter().position(|&c| c == 0).unwrap_or(src.len());
+        let end = src[..end]
             .iter()
-            .rposition(|&c| c != 0 && c != b' ')
+            .rposition(|&c| c != b' ')
             .map_or(0, |p| p + 1);
-        // NQN fields end at the first NUL even if garbage follows.
-        let end = src[..end].iter().position(|&c| c == 0).unwrap_or(end);
         String::from_utf8_lossy(&src[..end]).into_owned()
     }
 }
