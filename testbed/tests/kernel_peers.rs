@@ -1,17 +1,18 @@
 //! Real peers: the Linux kernel's NVMe/TCP host and target, in a QEMU guest, against our
 //! target and host (docs/testing.md). Ignored in a plain `cargo test`; `scripts/test`
-//! runs them with `--ignored` after `cargo build --workspace --bins`.
+//! runs them with `--ignored`. Our side runs in this process on a tokio runtime while
+//! the guest runs on the test's thread.
 
 // The helpers below are test code too: a panic is a failed test with its message.
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use nvmeof::backend::{FileBackend, FileOptions};
+use nvmeof::target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
 use serde_json::Value;
-use testbed::bins::workspace_binary;
 use testbed::guest::{self, GuestConfig, GuestEnv, GuestRun, HOST_ADDR_FROM_GUEST};
 
 fn env() -> GuestEnv {
@@ -68,82 +69,6 @@ must disconnect nvme disconnect -n "$nqn"
     );
 }
 
-/// `nvmeof-target` running on the host; killed on drop.
-struct TargetProcess {
-    child: Child,
-    command: String,
-    log: PathBuf,
-}
-
-impl TargetProcess {
-    /// Starts the target with `args` and waits for its ready file.
-    fn start(dir: &Path, args: &[String]) -> Self {
-        let bin = workspace_binary("nvmeof-target").unwrap_or_else(|e| panic!("{e}"));
-        let ready = dir.join("target.ready");
-        let log = dir.join("target.log");
-        let _ = fs::remove_file(&ready);
-        let mut cmd = Command::new(&bin);
-        cmd.args(args)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(fs::File::create(dir.join("target.stderr")).unwrap());
-        let command = format!("{cmd:?}");
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("{command}: {e}"));
-        let mut target = Self {
-            child,
-            command,
-            log,
-        };
-        let started = Instant::now();
-        while !ready.exists() {
-            if let Ok(Some(status)) = target.child.try_wait() {
-                panic!(
-                    "{} exited with {status} before it was ready\n{}",
-                    target.command,
-                    target.output()
-                );
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{} not ready after 30 s\n{}",
-                target.command,
-                target.output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        target
-    }
-
-    /// The target's stdout and stderr so far.
-    fn output(&self) -> String {
-        let out = fs::read_to_string(&self.log).unwrap_or_default();
-        let err = fs::read_to_string(self.log.with_file_name("target.stderr")).unwrap_or_default();
-        format!("--- target stdout ---\n{out}\n--- target stderr ---\n{err}")
-    }
-
-    /// Fails if the target died during the test (a panic or crash is a bug even when the
-    /// guest saw no error).
-    fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited with {status} during the test\n{}",
-                self.command,
-                self.output()
-            );
-        }
-    }
-}
-
-impl Drop for TargetProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn json(run: &GuestRun, section: &str) -> Value {
     let text = ok(run.output(section));
     // nvme-cli may print warnings before the JSON document.
@@ -187,9 +112,19 @@ fn fio_bytes(run: &GuestRun, section: &str) -> (u64, u64) {
 const STRANGER_HOSTNQN: &str =
     "nqn.2014-08.org.nvmexpress:uuid:5f1c0de2-7a0b-4c55-9d1e-0badbadbad01";
 
-/// The Linux kernel's NVMe/TCP host (nvme-cli, nvme-tcp) against our `nvmeof-target`
-/// serving a file: discovery, the allow-list, Identify, and fio with verification over
-/// in-capsule and R2T writes, first without and then with header and data digests.
+/// The tokio runtime our side of a test runs on; its workers keep serving while the
+/// test's thread waits for the guest.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The Linux kernel's NVMe/TCP host (nvme-cli, nvme-tcp) against our target serving a
+/// file: discovery, the allow-list, Identify, and fio with verification over in-capsule
+/// and R2T writes, first without and then with header and data digests.
 #[test]
 #[ignore = "needs QEMU and the guest kernel; run by scripts/test"]
 fn kernel_host_against_our_target() {
@@ -202,20 +137,17 @@ fn kernel_host_against_our_target() {
     fs::File::create(&image).unwrap().set_len(NS_BYTES).unwrap();
 
     let _one = guest::exclusive();
-    let port = guest::free_local_port().unwrap();
-    let mut target = TargetProcess::start(
-        &dir,
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--subsystem".into(),
-            nqn.into(),
-            "--file".into(),
-            image.display().to_string(),
-            "--allow-host".into(),
-            guest::GUEST_HOSTNQN.into(),
-        ],
-    );
+    let rt = runtime();
+    let target = rt.block_on(async {
+        let backend = FileBackend::open(&image, &FileOptions::default()).unwrap();
+        let ns = NamespaceConfig::new(Arc::new(backend)).id_seed(image.display().to_string());
+        let subsystem = SubsystemConfig::new(nqn)
+            .namespace(ns)
+            .allow_host(guest::GUEST_HOSTNQN);
+        let config = TargetConfig::new("127.0.0.1:0".parse().unwrap()).subsystem(subsystem);
+        Target::start(config).await.unwrap()
+    });
+    let port = target.local_addr().port();
 
     let script = format!(
         r#"
@@ -254,10 +186,13 @@ must disconnect_digest nvme disconnect -n $nqn
     let config = GuestConfig::new("kernel-host", script).timeout(Duration::from_secs(150));
     let run = ok(env().run(config));
     timings(&run);
-    target.assert_alive();
-    if let Err(e) = run.check() {
-        panic!("{e}\n{}", target.output());
-    }
+    ok(run.check());
+    assert_eq!(
+        target.controller_count(nqn),
+        0,
+        "a controller outlived nvme disconnect"
+    );
+    rt.block_on(target.shutdown());
 
     let discover = ok(run.output("discover"));
     assert!(
