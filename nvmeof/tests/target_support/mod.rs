@@ -88,6 +88,21 @@ impl Client {
         c
     }
 
+    /// A client over an already-split stream (no ICReq sent).
+    pub fn from_parts(
+        r: PduReader<OwnedReadHalf>,
+        w: PduWriter<OwnedWriteHalf>,
+        p: ConnectionParams,
+    ) -> Client {
+        Client {
+            r,
+            w,
+            p,
+            maxh2cdata: 0,
+            next_cid: 1,
+        }
+    }
+
     pub fn cid(&mut self) -> u16 {
         let c = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1);
