@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod target;
 
+pub mod host;
 pub mod nvme;
 pub mod tcp;
 
