@@ -3,3 +3,5 @@
 //!
 //! See `docs/architecture.md` for how the pieces fit; each submodule's doc explains its
 //! own threading and durability rules.
+
+pub mod pipeline;
