@@ -2,16 +2,18 @@
 # out of the serial console (testbed::guest::GuestRun).
 
 # section NAME CMD...: runs CMD, prints its combined output between
-# "@@BEGIN NAME@@ CMD" and "@@END NAME rc=N@@", and returns CMD's status.
+# "@@BEGIN NAME@@ CMD" and "@@END NAME rc=N secs=S@@", and returns CMD's status.
 section() {
 	_name=$1
 	shift
 	echo "@@BEGIN $_name@@ $*"
+	read -r _t0 _ </proc/uptime
 	"$@" >/tmp/section.out 2>&1
 	_rc=$?
+	read -r _t1 _ </proc/uptime
 	cat /tmp/section.out
 	[ -s /tmp/section.out ] && [ -n "$(tail -c 1 /tmp/section.out)" ] && echo
-	echo "@@END $_name rc=$_rc@@"
+	echo "@@END $_name rc=$_rc secs=$(awk "BEGIN{print $_t1 - $_t0}")@@"
 	return $_rc
 }
 

@@ -10,7 +10,9 @@ use std::fs;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use nvmeof::backend::{FileBackend, FileOptions};
+use nvmeof::host::{discover, Controller, HostConfig};
 use nvmeof::target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
 use serde_json::Value;
 use testbed::guest::{self, GuestConfig, GuestEnv, GuestRun, HOST_ADDR_FROM_GUEST};
@@ -25,13 +27,7 @@ fn ok<T>(r: Result<T, guest::GuestError>) -> T {
 }
 
 fn timings(run: &GuestRun) {
-    eprintln!(
-        "guest {}: boot {:?}, total {:?}, console {}",
-        run.name,
-        run.boot_time,
-        run.total_time,
-        run.log_path.display()
-    );
+    eprintln!("{} (console: {})", run.timings(), run.log_path.display());
 }
 
 /// The guest image itself: the kernel's host connects to the kernel's target over the
@@ -288,4 +284,243 @@ must disconnect_digest nvme disconnect -n $nqn
         "only {written} non-zero 4 KiB blocks in the namespace file"
     );
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// Deterministic bytes for the block at `lba` (an xorshift stream seeded by the LBA and
+/// a tag), so that a block read from the wrong place or a stale one never matches.
+fn pattern(tag: u64, lba: u64, len: usize) -> Vec<u8> {
+    let mut x = (lba ^ (tag << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// sha256 of `data` by the host's `sha256sum`, to compare with the guest's.
+fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// One write of the kernel-target test: where, how big, and on which I/O queue.
+#[derive(Debug, Clone, Copy)]
+struct Extent {
+    slba: u64,
+    bytes: usize,
+    queue: usize,
+}
+
+/// The Linux kernel's nvmet-tcp target (a brd RAM disk exported through configfs in the
+/// guest) driven by our host library with header and data digests: discovery, connect,
+/// Identify, patterned writes from 512 B (in-capsule) to 1 MiB (R2T + H2CData) on two
+/// queues at once, read-back (C2HData), flush, shutdown; then the guest checks that the
+/// bytes are on its RAM disk at the right LBAs.
+#[test]
+#[ignore = "needs QEMU and the guest kernel; run by scripts/test"]
+fn our_host_against_kernel_target() {
+    const NS_BYTES: u64 = 64 << 20;
+    const TAG: u64 = 0x5eed;
+    let nqn = "nqn.2026-11.io.testbed:kernel-target";
+    // (slba in 512-byte blocks, bytes, queue): in-capsule sizes, R2T sizes, and writes
+    // that end on the last block of the namespace.
+    let extents = [
+        Extent {
+            slba: 0,
+            bytes: 512,
+            queue: 0,
+        },
+        Extent {
+            slba: 8,
+            bytes: 4096,
+            queue: 1,
+        },
+        Extent {
+            slba: 64,
+            bytes: 16 << 10,
+            queue: 0,
+        },
+        Extent {
+            slba: 2048,
+            bytes: 64 << 10,
+            queue: 1,
+        },
+        Extent {
+            slba: 4096,
+            bytes: 128 << 10,
+            queue: 0,
+        },
+        Extent {
+            slba: 8192,
+            bytes: 1 << 20,
+            queue: 1,
+        },
+        Extent {
+            slba: NS_BYTES / 512 - 256,
+            bytes: 128 << 10,
+            queue: 0,
+        },
+    ];
+    let script = format!(
+        r#"
+must brd modprobe brd rd_nr=1 rd_size={kib} max_part=0
+export_nvmet {nqn} /dev/ram0 0.0.0.0 4420 || fail "nvmet configfs export"
+wait_host io-done
+# The host sends "check SLBA:BLOCKS ..."; print the sha256 of each range of /dev/ram0.
+i=0
+for r in $_reply; do
+    [ "$r" = check ] && continue
+    section sum_$i sh -c "dd if=/dev/ram0 bs=512 skip=${{r%%:*}} count=${{r##*:}} 2>/dev/null | sha256sum"
+    i=$((i + 1))
+done
+"#,
+        kib = NS_BYTES >> 10,
+    );
+    let _one = guest::exclusive();
+    let host_port = guest::free_local_port().unwrap();
+    let config = GuestConfig::new("kernel-target", script)
+        .forward(host_port, 4420)
+        .timeout(Duration::from_secs(150));
+    let mut running = ok(env().start(config));
+    ok(running.wait_for_prompt("io-done", Duration::from_secs(120)));
+
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{host_port}").parse().unwrap();
+    let rt = runtime();
+    let outcome: Result<String, String> = rt.block_on(async {
+        let entries = discover(addr, None, Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("discovery: {e}"))?;
+        if !entries.iter().any(|e| e.subnqn == nqn) {
+            return Err(format!("{nqn} not in the discovery log: {entries:?}"));
+        }
+        let mut hc = HostConfig::new(addr, nqn);
+        hc.header_digest = true;
+        hc.data_digest = true;
+        hc.io_queues = 2;
+        let ctrl = Controller::connect(hc)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let id = ctrl
+            .identify()
+            .await
+            .map_err(|e| format!("identify: {e}"))?;
+        if id.subnqn != nqn || id.nn < 1 || id.mn.trim().is_empty() {
+            return Err(format!("odd Identify Controller: {id:?}"));
+        }
+        let ns = ctrl
+            .namespace(1)
+            .await
+            .map_err(|e| format!("namespace 1: {e}"))?;
+        if u64::from(ns.block_size) * ns.blocks != NS_BYTES {
+            return Err(format!(
+                "namespace 1 is {} x {} bytes",
+                ns.blocks, ns.block_size
+            ));
+        }
+        let queues = ctrl.io_queue_count().await.map_err(|e| e.to_string())?;
+        if queues != 2 {
+            return Err(format!("asked for 2 I/O queues, got {queues}"));
+        }
+        let bs = u64::from(ns.block_size);
+        let lba = |slba: u64| slba * 512 / bs;
+        let blocks = |bytes: usize| u32::try_from(u64::try_from(bytes).unwrap() / bs).unwrap();
+
+        // All writes in flight at once, spread over both queues.
+        let writes = extents.iter().map(|&e| {
+            let ctrl = ctrl.clone();
+            let data = Bytes::from(pattern(TAG, e.slba, e.bytes));
+            let slba = lba(e.slba);
+            async move {
+                ctrl.write(e.queue, 1, slba, data, false)
+                    .await
+                    .map_err(|err| format!("write {e:?}: {err}"))
+            }
+        });
+        for r in futures_join_all(writes).await {
+            r?;
+        }
+        ctrl.flush(0, 1).await.map_err(|e| format!("flush: {e}"))?;
+        for e in &extents {
+            let got = ctrl
+                .read(1 - e.queue, 1, lba(e.slba), blocks(e.bytes))
+                .await
+                .map_err(|err| format!("read {e:?}: {err}"))?;
+            if got.as_ref() != pattern(TAG, e.slba, e.bytes).as_slice() {
+                return Err(format!("read-back of {e:?} differs from what was written"));
+            }
+        }
+        // Never written: brd returns zeroes.
+        let hole = ctrl
+            .read(0, 1, lba(1 << 16), blocks(64 << 10))
+            .await
+            .map_err(|e| format!("read of an unwritten range: {e}"))?;
+        if hole.iter().any(|&b| b != 0) {
+            return Err("an unwritten range did not read as zeroes".into());
+        }
+        ctrl.shutdown()
+            .await
+            .map_err(|e| format!("shutdown: {e}"))?;
+        let ranges: Vec<String> = extents
+            .iter()
+            .map(|e| format!("{}:{}", e.slba, e.bytes / 512))
+            .collect();
+        Ok(format!("check {}", ranges.join(" ")))
+    });
+    let check = match outcome {
+        Ok(line) => line,
+        Err(e) => panic!(
+            "our host against the kernel target: {e}\n{}",
+            running.report()
+        ),
+    };
+    ok(running.send_line(&check));
+    let run = ok(running.finish());
+    timings(&run);
+    ok(run.check());
+    for (i, e) in extents.iter().enumerate() {
+        let out = ok(run.output(&format!("sum_{i}")));
+        let guest_sum = out.split_whitespace().next().unwrap_or_default();
+        assert_eq!(
+            guest_sum,
+            sha256_hex(&pattern(TAG, e.slba, e.bytes)),
+            "the guest's RAM disk does not hold what we wrote at {e:?}"
+        );
+    }
+    let dmesg = ok(run.output("dmesg"));
+    for line in dmesg.lines().filter(|l| l.contains("nvmet")) {
+        assert!(
+            !line.contains("digest") && !line.contains("error") && !line.contains("failed"),
+            "the kernel target complained: {line}\n{}",
+            run.report()
+        );
+    }
+}
+
+/// Awaits all futures concurrently (tokio's `join!` needs a fixed count).
+async fn futures_join_all<F, T>(futures: impl IntoIterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
 }

@@ -123,7 +123,8 @@ pub struct GuestConfig {
 }
 
 impl GuestConfig {
-    /// A 2-vCPU, 1 GiB guest on slirp with a 120 s limit.
+    /// A 2-vCPU, 1 GiB guest with a 120 s limit on the network [`Network::from_env`]
+    /// picks.
     pub fn new(name: impl Into<String>, script: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -133,7 +134,7 @@ impl GuestConfig {
             timeout: Duration::from_secs(120),
             memory_mib: 1024,
             cpus: 2,
-            network: Network::Slirp,
+            network: Network::from_env(),
             qboot: true,
             qemu_args: Vec::new(),
             kernel_args: Vec::new(),
@@ -230,6 +231,24 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
 pub fn free_local_port() -> io::Result<u16> {
     let listener = TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+impl Network {
+    /// `$TESTBED_GUEST_NET` (`slirp` or `passt`), else the default: passt when it is
+    /// installed (it is 2-4 times faster), slirp otherwise.
+    pub fn from_env() -> Self {
+        match std::env::var("TESTBED_GUEST_NET").as_deref() {
+            Ok("slirp") => Network::Slirp,
+            Ok("passt") => Network::Passt,
+            _ if passt_installed() => Network::Passt,
+            _ => Network::Slirp,
+        }
+    }
+}
+
+fn passt_installed() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("passt").is_file()))
 }
 
 impl fmt::Display for Network {

@@ -85,7 +85,7 @@ pub struct GuestRun {
 }
 
 /// One `section` of the test script: a command, its output and its status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Section {
     /// The name the script gave it.
     pub name: String,
@@ -95,6 +95,8 @@ pub struct Section {
     pub output: String,
     /// Its exit status (`None` if the guest stopped before it ended).
     pub rc: Option<i32>,
+    /// How long it ran, by the guest's clock.
+    pub secs: Option<f64>,
 }
 
 pub(super) fn start(env: &GuestEnv, config: GuestConfig) -> Result<RunningGuest, GuestError> {
@@ -538,6 +540,26 @@ impl GuestRun {
         }
     }
 
+    /// One line of timings: host-side boot and total, and each step by the guest's clock.
+    pub fn timings(&self) -> String {
+        let steps: Vec<String> = self
+            .sections()
+            .iter()
+            .filter(|s| s.name != "dmesg")
+            .map(|s| match s.secs {
+                Some(t) => format!("{} {t:.1}s", s.name),
+                None => s.name.clone(),
+            })
+            .collect();
+        format!(
+            "guest {}: boot {:.1}s, total {:.1}s; {}",
+            self.name,
+            self.boot_time.map_or(f64::NAN, |d| d.as_secs_f64()),
+            self.total_time.as_secs_f64(),
+            steps.join(", ")
+        )
+    }
+
     /// Diagnostics: failed steps, `fail` messages, the console and dmesg tails.
     pub fn report(&self) -> String {
         report(&self.command, &self.log_path, &self.console)
@@ -568,13 +590,18 @@ pub fn parse_sections(console: &str) -> Vec<Section> {
                 command: command.trim().to_owned(),
                 output: String::new(),
                 rc: None,
+                secs: None,
             });
         } else if let Some(rest) = line.strip_prefix("@@END ") {
             let Some(mut s) = open.take() else { continue };
             let rest = rest.trim_end_matches("@@");
-            if let Some((name, rc)) = rest.rsplit_once(" rc=") {
+            if let Some((name, fields)) = rest.split_once(" rc=") {
                 if name == s.name {
-                    s.rc = rc.trim().parse().ok();
+                    let mut words = fields.split_whitespace();
+                    s.rc = words.next().and_then(|rc| rc.parse().ok());
+                    s.secs = words
+                        .find_map(|w| w.strip_prefix("secs="))
+                        .and_then(|t| t.parse().ok());
                 }
             }
             out.push(s);
@@ -601,6 +628,16 @@ fn report(command: &str, log_path: &Path, console: &str) -> String {
         log_path.display()
     ));
     let sections = parse_sections(console);
+    let steps: Vec<String> = sections
+        .iter()
+        .filter(|s| s.name != "dmesg")
+        .map(|s| match (s.rc, s.secs) {
+            (Some(rc), Some(t)) => format!("{} rc={rc} {t:.2}s", s.name),
+            (Some(rc), None) => format!("{} rc={rc}", s.name),
+            (None, _) => format!("{} unfinished", s.name),
+        })
+        .collect();
+    out.push_str(&format!("steps: {}\n", steps.join(", ")));
     for s in sections
         .iter()
         .filter(|s| s.rc != Some(0) && s.name != "dmesg")
@@ -638,7 +675,7 @@ mod tests {
     #[test]
     fn sections_are_parsed_with_commands_and_status() {
         let console = "boot noise\n@@BEGIN id@@ nvme id-ctrl /dev/nvme0\n{\"sn\":\"x\"}\n\
-                       @@END id rc=0@@\n@@BEGIN io@@ fio a\nerr\n@@END io rc=1@@\n\
+                       @@END id rc=0 secs=0.25@@\n@@BEGIN io@@ fio a\nerr\n@@END io rc=1@@\n\
                        @@BEGIN cut@@ x\npartial\n";
         let s = parse_sections(console);
         assert_eq!(s.len(), 3);
@@ -646,6 +683,8 @@ mod tests {
         assert_eq!(s[0].command, "nvme id-ctrl /dev/nvme0");
         assert_eq!(s[0].output, "{\"sn\":\"x\"}\n");
         assert_eq!(s[0].rc, Some(0));
+        assert_eq!(s[0].secs, Some(0.25));
+        assert_eq!(s[1].secs, None);
         assert_eq!(s[1].rc, Some(1));
         assert_eq!(s[2].rc, None);
         assert_eq!(s[2].output, "partial\n");
