@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,12 +66,25 @@ impl Capture {
             stderr_path,
             port,
         };
-        // dumpcap says "Capturing on 'Loopback: lo'" once the filter is installed.
+        // dumpcap says "Capturing on 'Loopback: lo'" a little before packets really
+        // flow, so after that a probe connection to the port is repeated until the
+        // capture file grows: only then is the start of the real traffic certain to be
+        // recorded. (The probe sends no payload, so it adds no NVMe/TCP PDUs.)
         let started = Instant::now();
+        let mut header_len = None;
         loop {
             let log = fs::read_to_string(&capture.stderr_path).unwrap_or_default();
+            let len = fs::metadata(path).map_or(0, |m| m.len());
             if log.contains("Capturing on") {
-                break;
+                match header_len {
+                    None => header_len = Some(len),
+                    Some(h) if len > h => break,
+                    Some(_) => {}
+                }
+                let _ = TcpStream::connect_timeout(
+                    &SocketAddr::from(([127, 0, 0, 1], port)),
+                    Duration::from_millis(200),
+                );
             }
             let exited = capture
                 .child
@@ -113,10 +127,17 @@ impl Capture {
                 format!("no capture file ({status}): {log}"),
             ));
         }
-        if log.contains("dropped") && !log.contains("(0.0%)") && !log.contains("dropped: 0") {
-            // The summary reads "Packets: N (Packets dropped: M)" or similar; report it
-            // so that a reassembly failure from drops is not mistaken for our bug.
-            eprintln!("dumpcap: {log}");
+        // "Packets received/dropped on interface 'Loopback: lo': 120/0 (...)": report
+        // drops, so that a reassembly failure they cause is not taken for our bug.
+        let dropped = log
+            .lines()
+            .find_map(|l| l.split_once("received/dropped on interface"))
+            .and_then(|(_, rest)| rest.rsplit_once("': "))
+            .and_then(|(_, counts)| counts.split_whitespace().next())
+            .and_then(|c| c.split_once('/'))
+            .and_then(|(_, d)| d.parse::<u64>().ok());
+        if dropped != Some(0) {
+            eprintln!("dumpcap dropped packets or did not say: {log}");
         }
         Ok(self.path.clone())
     }
@@ -196,10 +217,18 @@ impl Dissection {
             .iter()
             .map(|(t, n)| format!("{}={n}", pdu_type_name(*t)))
             .collect();
+        let good = |f: fn(&Pdu) -> Option<u8>| self.pdus.iter().filter(|p| f(p) == Some(1)).count();
+        let checked =
+            |f: fn(&Pdu) -> Option<u8>| self.pdus.iter().filter(|p| f(p).is_some()).count();
         format!(
-            "commands: {}\nPDUs: {}\nmalformed: {:?}\nNVMe expert infos: {:?}\nunknown data: {:?}",
+            "commands: {}\nPDUs: {}\nheader digests good/checked: {}/{}, data digests: {}/{}\n\
+             malformed: {:?}\nNVMe expert infos: {:?}\nunknown data: {:?}",
             self.commands.join(" ; "),
             counts.join(" "),
+            good(|p| p.hdgst_status),
+            checked(|p| p.hdgst_status),
+            good(|p| p.ddgst_status),
+            checked(|p| p.ddgst_status),
             self.malformed,
             self.nvme_expert,
             self.unknown_data
