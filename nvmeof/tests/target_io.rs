@@ -536,3 +536,66 @@ async fn target_digests_when_negotiated() {
     assert_eq!(r, d);
     t.shutdown().await;
 }
+
+#[tokio::test]
+async fn target_c2h_success_flag_only_without_sq_flow_control() {
+    let t = start_target().await;
+    let addr = t.local_addr();
+    let mut a = Client::connect(addr).await;
+    let cntlid = a.admin_setup(SUBNQN, 0).await;
+    // CATTR bit 2: SQ flow control disabled (what Linux sends after a discovery
+    // entry with TREQ bit 2).
+    let mut q = Client::connect(addr).await;
+    let sqe = nvmeof::nvme::FabricsCommand::Connect {
+        recfmt: 0,
+        qid: 1,
+        sqsize: 31,
+        cattr: 4,
+        kato_ms: 0,
+    }
+    .to_sqe(0);
+    let cd = nvmeof::nvme::ConnectData {
+        hostid: HOSTID,
+        cntlid,
+        subnqn: SUBNQN.into(),
+        hostnqn: HOSTNQN.into(),
+    };
+    let (c, _) = q
+        .exec(sqe, Some(Bytes::copy_from_slice(&cd.encode())), 0)
+        .await;
+    assert!(c.status.is_success());
+    let d = pattern(4, 4096);
+    assert!(q
+        .exec(write(40, 8), Some(Bytes::from(d.clone())), 0)
+        .await
+        .0
+        .status
+        .is_success());
+    let cid = q.submit(read(40, 8), None, 4096).await;
+    match q.recv().await {
+        Pdu::C2HData(x) => {
+            assert!(x.success && x.last, "SUCCESS flag set");
+            assert_eq!(x.cccid, cid);
+            assert_eq!(&x.data[..], &d[..]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // No response capsule follows: the next PDU answers the next command.
+    let (c, _) = q
+        .exec(IoCommand::Flush { nsid: 1 }.to_sqe(0), None, 0)
+        .await;
+    assert!(c.status.is_success());
+    // With flow control on (the default queue of io_pair) reads get a response capsule.
+    let (_a2, mut q2, _) = io_pair(addr).await;
+    let cid = q2.submit(read(40, 8), None, 4096).await;
+    let Pdu::C2HData(x) = q2.recv().await else {
+        panic!("expected C2HData")
+    };
+    assert!(!x.success);
+    let Pdu::CapsuleResp(r) = q2.recv().await else {
+        panic!("expected CapsuleResp")
+    };
+    assert_eq!(r.cqe.cid, cid);
+    assert!(r.cqe.status.is_success());
+    t.shutdown().await;
+}

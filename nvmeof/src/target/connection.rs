@@ -25,6 +25,7 @@ use crate::tcp::{
 };
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -636,12 +637,11 @@ impl Conn {
                 return None;
             }
         };
-        let tx = self.tx.clone();
         let success_flag = self.shared.limits.c2h_success
             && self.binding.as_ref().is_some_and(|b| b.sqflow_disabled);
         let sqhd = self.cqe(sqe.cid, &Reply::ok()).sqhd;
         let max_transfer = self.shared.limits.max_transfer;
-        tokio::spawn(async move {
+        let mut fut = Box::pin(async move {
             let reply = io::execute(&ctrl, cmd, data, c2h_len, max_transfer).await;
             if !reply.status.is_success() {
                 let slba = u64::from(sqe.cdw10) | (u64::from(sqe.cdw11) << 32);
@@ -656,12 +656,28 @@ impl Conn {
                 phase: false,
                 status: reply.status,
             };
-            let _ = tx.send(Out::Complete {
+            Out::Complete {
                 cqe,
                 data: reply.data,
                 success_flag,
-            });
+            }
         });
+        // Backends that finish synchronously (memory, and every argument error)
+        // complete right here; only commands that really wait get a task, so the
+        // common memory-backed case costs no spawn and no cross-thread wakeup.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(out) => {
+                let _ = self.tx.send(out);
+            }
+            std::task::Poll::Pending => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let out = fut.await;
+                    let _ = tx.send(out);
+                });
+            }
+        }
         None
     }
 

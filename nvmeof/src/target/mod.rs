@@ -9,6 +9,8 @@
 mod admin;
 mod config;
 mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 mod io;
 mod state;
 
