@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,7 +51,12 @@ impl Capture {
         let stderr_path = path.with_extension("dumpcap.log");
         let stderr = fs::File::create(&stderr_path)
             .map_err(|e| tool_err("dumpcap", format!("{}: {e}", stderr_path.display())))?;
-        let filter = format!("tcp port {port}");
+        // Probe connections go to a listener of our own, caught by the same filter: a
+        // probe to the real port would reach the peer (a kernel target logs an error).
+        let probe = TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| Ok((l.local_addr()?, l)))
+            .map_err(|e| tool_err("probe listener", e.to_string()))?;
+        let filter = format!("tcp port {port} or tcp port {}", probe.0.port());
         let child = Command::new("dumpcap")
             .args(["-i", "lo", "-f", &filter, "-B", "64", "-w"])
             .arg(path)
@@ -67,9 +72,8 @@ impl Capture {
             port,
         };
         // dumpcap says "Capturing on 'Loopback: lo'" a little before packets really
-        // flow, so after that a probe connection to the port is repeated until the
-        // capture file grows: only then is the start of the real traffic certain to be
-        // recorded. (The probe sends no payload, so it adds no NVMe/TCP PDUs.)
+        // flow, so after that a probe connection is repeated until the capture file
+        // grows: only then is the start of the real traffic certain to be recorded.
         let started = Instant::now();
         let mut header_len = None;
         loop {
@@ -81,10 +85,7 @@ impl Capture {
                     Some(h) if len > h => break,
                     Some(_) => {}
                 }
-                let _ = TcpStream::connect_timeout(
-                    &SocketAddr::from(([127, 0, 0, 1], port)),
-                    Duration::from_millis(200),
-                );
+                let _ = TcpStream::connect_timeout(&probe.0, Duration::from_millis(200));
             }
             let exited = capture
                 .child

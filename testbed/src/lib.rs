@@ -6,6 +6,5 @@
 //! Wireshark's dissector; the loopback cluster, fault injection and benchmark reports
 //! build on them later.
 
-pub mod bins;
 pub mod capture;
 pub mod guest;

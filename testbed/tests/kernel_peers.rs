@@ -15,6 +15,7 @@ use nvmeof::backend::{FileBackend, FileOptions};
 use nvmeof::host::{discover, Controller, HostConfig};
 use nvmeof::target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
 use serde_json::Value;
+use testbed::capture::{dissect, pdu_type_name, Capture};
 use testbed::guest::{self, GuestConfig, GuestEnv, GuestRun, HOST_ADDR_FROM_GUEST};
 
 fn env() -> GuestEnv {
@@ -329,10 +330,11 @@ struct Extent {
 /// The Linux kernel's nvmet-tcp target (a brd RAM disk exported through configfs in the
 /// guest) driven by our host library with header and data digests: discovery, connect,
 /// Identify, patterned writes from 512 B (in-capsule) to 1 MiB (R2T + H2CData) on two
-/// queues at once, read-back (C2HData), flush, shutdown; then the guest checks that the
-/// bytes are on its RAM disk at the right LBAs.
+/// queues at once, read-back (C2HData), flush, shutdown; Wireshark checks the captured
+/// exchange (digests of both sides), and the guest checks that the bytes are on its RAM
+/// disk at the right LBAs.
 #[test]
-#[ignore = "needs QEMU and the guest kernel; run by scripts/test"]
+#[ignore = "needs QEMU, the guest kernel, root (dumpcap) and tshark; run by scripts/test"]
 fn our_host_against_kernel_target() {
     const NS_BYTES: u64 = 64 << 20;
     const TAG: u64 = 0x5eed;
@@ -382,6 +384,7 @@ must brd modprobe brd rd_nr=1 rd_size={kib} max_part=0
 export_nvmet {nqn} /dev/ram0 0.0.0.0 4420 || fail "nvmet configfs export"
 wait_host io-done
 # The host sends "check SLBA:BLOCKS ..."; print the sha256 of each range of /dev/ram0.
+case "$_reply" in check*) ;; *) fail "the host gave up: $_reply" ;; esac
 i=0
 for r in $_reply; do
     [ "$r" = check ] && continue
@@ -399,6 +402,12 @@ done
     let mut running = ok(env().start(config));
     ok(running.wait_for_prompt("io-done", Duration::from_secs(120)));
 
+    // Between our host and QEMU's port forward the traffic is plain NVMe/TCP on lo:
+    // Wireshark checks the kernel's digests and ours.
+    let capture_dir = std::env::temp_dir().join(format!("kernel-target-{}", std::process::id()));
+    fs::create_dir_all(&capture_dir).unwrap();
+    let capture = Capture::start(&capture_dir.join("kernel-target.pcapng"), host_port)
+        .unwrap_or_else(|e| panic!("{e}"));
     let addr: std::net::SocketAddr = format!("127.0.0.1:{host_port}").parse().unwrap();
     let rt = runtime();
     let outcome: Result<String, String> = rt.block_on(async {
@@ -483,11 +492,44 @@ done
     });
     let check = match outcome {
         Ok(line) => line,
-        Err(e) => panic!(
-            "our host against the kernel target: {e}\n{}",
-            running.report()
-        ),
+        Err(e) => {
+            // Let the guest print its kernel log before reporting.
+            let _ = running.send_line("abort");
+            match running.finish() {
+                Ok(run) => panic!("our host against the kernel target: {e}\n{}", run.report()),
+                Err(guest) => panic!("our host against the kernel target: {e}\n{guest}"),
+            }
+        }
     };
+    let pcap = capture.stop().unwrap_or_else(|e| panic!("{e}"));
+    let d = dissect(&pcap, host_port).unwrap_or_else(|e| panic!("{e}"));
+    let summary = format!("{}\ncapture: {}", d.summary(), pcap.display());
+    eprintln!("{summary}");
+    assert!(
+        d.malformed.is_empty() && d.nvme_expert.is_empty() && d.unknown_data.is_empty(),
+        "Wireshark disagrees with the exchange between our host and the kernel target\n{summary}"
+    );
+    let bad: Vec<_> = d
+        .pdus
+        .iter()
+        .filter(|p| {
+            p.hdgst_status.is_some_and(|s| s != 1) || p.ddgst_status.is_some_and(|s| s != 1)
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "digests Wireshark rejects: {bad:?}\n{summary}"
+    );
+    for t in [6u8, 7] {
+        assert!(
+            d.pdus
+                .iter()
+                .any(|p| p.pdu_type == t && p.ddgst_status == Some(1)),
+            "no {} with a verified data digest: were digests negotiated?\n{summary}",
+            pdu_type_name(t)
+        );
+    }
+    let _ = fs::remove_dir_all(&capture_dir);
     ok(running.send_line(&check));
     let run = ok(running.finish());
     timings(&run);
