@@ -111,11 +111,12 @@ impl Capture {
         let Some(mut child) = self.child.take() else {
             return Ok(self.path.clone());
         };
-        let status = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .map_err(|e| tool_err("kill", e.to_string()))?;
-        if !status.success() {
+        let interrupted = libc::pid_t::try_from(child.id()).is_ok_and(|pid| {
+            // SAFETY: kill(2) has no memory effects; `pid` is our own child, which has
+            // not been waited for yet, so the id cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGINT) == 0 }
+        });
+        if !interrupted {
             let _ = child.kill();
         }
         let status = child
