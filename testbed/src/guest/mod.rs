@@ -193,7 +193,10 @@ impl GuestEnv {
     pub fn discover() -> Result<Self, GuestError> {
         let work_dir = match std::env::var_os("TESTBED_GUEST_DIR") {
             Some(dir) => PathBuf::from(dir),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.work/guest"),
+            None => {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+                root.canonicalize().unwrap_or(root).join(".work/guest")
+            }
         };
         let kernel = KernelTree::find(&work_dir.join("kernel"))?;
         Ok(Self {

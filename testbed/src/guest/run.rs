@@ -113,10 +113,9 @@ pub(super) fn start(env: &GuestEnv, config: GuestConfig) -> Result<RunningGuest,
             }
         })
         .collect();
-    let run_dir = env
-        .work_dir
-        .join("runs")
-        .join(format!("{safe_name}-{}-{seq}", std::process::id()));
+    let runs = env.work_dir.join("runs");
+    prune_runs(&runs, 100);
+    let run_dir = runs.join(format!("{safe_name}-{}-{seq}", std::process::id()));
     let _ = fs::remove_dir_all(&run_dir);
     fs::create_dir_all(&run_dir).map_err(|e| GuestError::io(&run_dir, e))?;
 
@@ -290,6 +289,25 @@ pub(super) fn start(env: &GuestEnv, config: GuestConfig) -> Result<RunningGuest,
         initrd,
         command,
     })
+}
+
+/// Keeps the `keep` newest run directories (console logs) and deletes the rest.
+fn prune_runs(runs: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if dirs.len() <= keep {
+        return;
+    }
+    dirs.sort();
+    let excess = dirs.len() - keep;
+    for (_, dir) in dirs.into_iter().take(excess) {
+        let _ = fs::remove_dir_all(dir);
+    }
 }
 
 /// Copies one of QEMU's output streams into the shared console and the log file.
