@@ -411,7 +411,7 @@ done
     let addr: std::net::SocketAddr = format!("127.0.0.1:{host_port}").parse().unwrap();
     let rt = runtime();
     let outcome: Result<String, String> = rt.block_on(async {
-        let entries = discover(addr, None, Duration::from_secs(10))
+        let entries = discover(addr, None, Duration::from_secs(30))
             .await
             .map_err(|e| format!("discovery: {e}"))?;
         if !entries.iter().any(|e| e.subnqn == nqn) {
@@ -421,6 +421,9 @@ done
         hc.header_digest = true;
         hc.data_digest = true;
         hc.io_queues = 2;
+        // The target is an emulated CPU that shares 2 cores with everything else: give
+        // the TCP connect and ICReq/ICResp more than the default 5 s.
+        hc.connect_timeout = Duration::from_secs(30);
         let ctrl = Controller::connect(hc)
             .await
             .map_err(|e| format!("connect: {e}"))?;
