@@ -51,7 +51,7 @@ must disconnect nvme disconnect -n "$nqn"
 "#;
     let _one = guest::exclusive();
     let run =
-        ok(env().run(GuestConfig::new("selfcheck", script).timeout(Duration::from_secs(120))));
+        ok(env().run(GuestConfig::new("selfcheck", script).timeout(Duration::from_secs(180))));
     timings(&run);
     ok(run.check());
     let discover = ok(run.output("discover"));
@@ -180,7 +180,7 @@ must disconnect_digest nvme disconnect -n $nqn
         host = HOST_ADDR_FROM_GUEST,
         stranger = STRANGER_HOSTNQN,
     );
-    let config = GuestConfig::new("kernel-host", script).timeout(Duration::from_secs(150));
+    let config = GuestConfig::new("kernel-host", script).timeout(Duration::from_secs(240));
     let run = ok(env().run(config));
     timings(&run);
     ok(run.check());
@@ -398,9 +398,9 @@ done
     let host_port = guest::free_local_port().unwrap();
     let config = GuestConfig::new("kernel-target", script)
         .forward(host_port, 4420)
-        .timeout(Duration::from_secs(150));
+        .timeout(Duration::from_secs(180));
     let mut running = ok(env().start(config));
-    ok(running.wait_for_prompt("io-done", Duration::from_secs(120)));
+    ok(running.wait_for_prompt("io-done", Duration::from_secs(150)));
 
     // Between our host and QEMU's port forward the traffic is plain NVMe/TCP on lo:
     // Wireshark checks the kernel's digests and ours.
