@@ -15,7 +15,7 @@ use nvmeof::backend::{FileBackend, FileOptions};
 use nvmeof::host::{discover, Controller, HostConfig};
 use nvmeof::target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
 use serde_json::Value;
-use testbed::capture::{dissect, pdu_type_name, Capture};
+use testbed::capture::{dissect, pdu_type_name, Capture, Dissection};
 use testbed::guest::{self, GuestConfig, GuestEnv, GuestRun, HOST_ADDR_FROM_GUEST};
 
 fn env() -> GuestEnv {
@@ -121,9 +121,10 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// The Linux kernel's NVMe/TCP host (nvme-cli, nvme-tcp) against our target serving a
 /// file: discovery, the allow-list, Identify, and fio with verification over in-capsule
-/// and R2T writes, first without and then with header and data digests.
+/// and R2T writes, first without and then with header and data digests; Wireshark
+/// verifies the digests of the captured digest phase (the kernel's and ours).
 #[test]
-#[ignore = "needs QEMU and the guest kernel; run by scripts/test"]
+#[ignore = "needs QEMU, the guest kernel, root (dumpcap) and tshark; run by scripts/test"]
 fn kernel_host_against_our_target() {
     const NS_BYTES: u64 = 64 << 20;
     let nqn = "nqn.2026-11.io.testbed:kernel-host";
@@ -169,7 +170,9 @@ must fio_seq fio --name=seq --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio
     --iodepth=8 --rw=write --bs=256k --offset=32M --size=8M --verify=crc32c \
     --verify_fatal=1 --output-format=json
 must disconnect nvme disconnect -n $nqn
-# Again with header and data digests (nvme connect fails if they are not negotiated).
+# Again with header and data digests (nvme connect fails if they are not negotiated),
+# while the host captures the traffic for Wireshark.
+wait_host capture
 must connect_digest nvme connect -t tcp -a $a -s $s -n $nqn --hdr-digest --data-digest
 wait_for_path /dev/nvme0n1 100 || fail "no /dev/nvme0n1 10 s after the digest connect"
 must fio_digest fio --name=digest --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio \
@@ -181,7 +184,14 @@ must disconnect_digest nvme disconnect -n $nqn
         stranger = STRANGER_HOSTNQN,
     );
     let config = GuestConfig::new("kernel-host", script).timeout(Duration::from_secs(240));
-    let run = ok(env().run(config));
+    let mut running = ok(env().start(config));
+    ok(running.wait_for_prompt("capture", Duration::from_secs(200)));
+    // Between QEMU's network back-end and our target the traffic is plain NVMe/TCP on lo.
+    let capture = Capture::start(&dir.join("kernel-host.pcapng"), port)
+        .unwrap_or_else(|e| panic!("{e}\n{}", running.report()));
+    ok(running.send_line("go"));
+    let run = ok(running.finish());
+    let pcap = capture.stop().unwrap_or_else(|e| panic!("{e}"));
     timings(&run);
     ok(run.check());
     assert_eq!(
@@ -271,6 +281,11 @@ must disconnect_digest nvme disconnect -n $nqn
         "{}",
         run.report()
     );
+    // Wireshark verifies the digests of the kernel's host and of our target.
+    let d = dissect(&pcap, port).unwrap_or_else(|e| panic!("{e}"));
+    let summary = format!("{}\ncapture: {}", d.summary(), pcap.display());
+    eprintln!("{summary}");
+    assert_digests_good(&d, &summary);
 
     // What fio wrote went to the file: its verify headers start with magic 0xacca.
     let data = fs::read(&image).unwrap();
@@ -285,6 +300,35 @@ must disconnect_digest nvme disconnect -n $nqn
         "only {written} non-zero 4 KiB blocks in the namespace file"
     );
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// Wireshark decoded the whole capture, verified every digest as good, and saw data
+/// digests on both H2CData and C2HData (so digests were really negotiated).
+fn assert_digests_good(d: &Dissection, summary: &str) {
+    assert!(
+        d.malformed.is_empty() && d.nvme_expert.is_empty() && d.unknown_data.is_empty(),
+        "Wireshark disagrees with the exchange\n{summary}"
+    );
+    let bad: Vec<_> = d
+        .pdus
+        .iter()
+        .filter(|p| {
+            p.hdgst_status.is_some_and(|s| s != 1) || p.ddgst_status.is_some_and(|s| s != 1)
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "digests Wireshark rejects: {bad:?}\n{summary}"
+    );
+    for t in [6u8, 7] {
+        assert!(
+            d.pdus
+                .iter()
+                .any(|p| p.pdu_type == t && p.ddgst_status == Some(1)),
+            "no {} with a verified data digest: were digests negotiated?\n{summary}",
+            pdu_type_name(t)
+        );
+    }
 }
 
 /// Deterministic bytes for the block at `lba` (an xorshift stream seeded by the LBA and
@@ -508,30 +552,7 @@ done
     let d = dissect(&pcap, host_port).unwrap_or_else(|e| panic!("{e}"));
     let summary = format!("{}\ncapture: {}", d.summary(), pcap.display());
     eprintln!("{summary}");
-    assert!(
-        d.malformed.is_empty() && d.nvme_expert.is_empty() && d.unknown_data.is_empty(),
-        "Wireshark disagrees with the exchange between our host and the kernel target\n{summary}"
-    );
-    let bad: Vec<_> = d
-        .pdus
-        .iter()
-        .filter(|p| {
-            p.hdgst_status.is_some_and(|s| s != 1) || p.ddgst_status.is_some_and(|s| s != 1)
-        })
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "digests Wireshark rejects: {bad:?}\n{summary}"
-    );
-    for t in [6u8, 7] {
-        assert!(
-            d.pdus
-                .iter()
-                .any(|p| p.pdu_type == t && p.ddgst_status == Some(1)),
-            "no {} with a verified data digest: were digests negotiated?\n{summary}",
-            pdu_type_name(t)
-        );
-    }
+    assert_digests_good(&d, &summary);
     let _ = fs::remove_dir_all(&capture_dir);
     ok(running.send_line(&check));
     let run = ok(running.finish());
