@@ -903,10 +903,12 @@ async fn supervise(
             match establish(&config, generation, &fail_tx).await {
                 Ok(s) => {
                     tracing::info!(addr = %config.addr, generation, "reconnected");
-                    let _ = state.send(State::Connected(Arc::new(s)));
+                    // Counted before publishing, so whoever sees the new
+                    // association also sees the count.
                     if let Some(i) = inner.upgrade() {
                         i.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
+                    let _ = state.send(State::Connected(Arc::new(s)));
                     ka.reset();
                     break;
                 }
