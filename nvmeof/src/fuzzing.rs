@@ -114,3 +114,20 @@ fn nvme_structures(b: &[u8]) {
         let _ = DsmRange::decode_list(b, n);
     }
 }
+
+/// Feeds arbitrary bytes, as the controller's side of an I/O queue, to the
+/// host's queue task after a valid ICResp and Connect response, while three
+/// commands (a two-PDU read, an R2T write and a no-data command) are
+/// outstanding. Every command must complete (with data or an error) within its
+/// timeout; nothing may panic.
+pub fn host_queue(data: &[u8]) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(crate::host::fuzz_support::run_queue_against(
+        Bytes::copy_from_slice(data),
+    ));
+}

@@ -93,3 +93,12 @@ proptest! {
         });
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+
+    #[test]
+    fn host_queue_harness_on_random_input(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        nvmeof::fuzzing::host_queue(&bytes);
+    }
+}

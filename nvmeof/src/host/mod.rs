@@ -962,3 +962,129 @@ impl Drop for QueueHandleGuard {
         self.task.abort();
     }
 }
+
+#[doc(hidden)]
+pub mod fuzz_support {
+    //! Drives one queue task with a scripted controller stream (used by the
+    //! `host_queue` fuzz target and its regression replay).
+
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::io::AsyncWriteExt;
+
+    use super::queue::{self, QueueSetup};
+    use crate::nvme::{AdminCommand, Completion, IoCommand, Status};
+    use crate::tcp::{CapsuleResp, ConnectionParams, IcResp, Pdu, PduReader, PduWriter, Role};
+
+    /// See [`crate::fuzzing::host_queue`]. Returns the outcome of the read,
+    /// the write and the keep-alive, or `None` if the queue never started.
+    pub async fn run_queue_against(
+        script: Bytes,
+    ) -> Option<Vec<Result<super::Response, super::HostError>>> {
+        let (h, c) = tokio::io::duplex(1 << 16);
+        let (hr, hw) = tokio::io::split(h);
+        let (cr, cw) = tokio::io::split(c);
+        let setup = QueueSetup {
+            addr: ([127, 0, 0, 1], 1).into(),
+            qid: 1,
+            depth: 4,
+            kato_ms: 0,
+            cntlid: 1,
+            subnqn: "nqn.fuzz:sub".into(),
+            hostnqn: "nqn.fuzz:host".into(),
+            hostid: [0; 16],
+            header_digest: false,
+            data_digest: false,
+            max_rx_data: 64 * 1024,
+            in_capsule: 4096,
+            connect_timeout: Duration::from_secs(1),
+            // Short: inputs that stall the queue cost one timeout each.
+            command_timeout: Duration::from_millis(200),
+        };
+        // The controller: a valid ICResp and Connect response, then the fuzz
+        // bytes, while draining what the host sends so that it never blocks
+        // on a full pipe.
+        let controller = tokio::spawn(async move {
+            let init = ConnectionParams::initial(Role::Controller);
+            let mut r = PduReader::new(cr);
+            let mut w = PduWriter::new(cw);
+            let Ok(Pdu::IcReq(_)) = r.read_pdu(&init).await else {
+                return;
+            };
+            let icresp = IcResp {
+                pfv: 0,
+                cpda: 0,
+                hdgst: false,
+                ddgst: false,
+                maxh2cdata: 4096,
+            };
+            if w.write_pdu(&Pdu::IcResp(icresp), &init).await.is_err() {
+                return;
+            }
+            let p = ConnectionParams {
+                max_rx_data: 64 * 1024,
+                ..init
+            };
+            let Ok(Pdu::CapsuleCmd(connect)) = r.read_pdu(&p).await else {
+                return;
+            };
+            let mut cqe = Completion::new(connect.sqe.cid, Status::SUCCESS);
+            cqe.dw0 = 1;
+            if w.write_pdu(&Pdu::CapsuleResp(CapsuleResp { cqe }), &p)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let drain = tokio::spawn(async move {
+                while r.read_pdu(&p).await.is_ok() {}
+                let _ = tokio::io::copy(r.get_mut(), &mut tokio::io::sink()).await;
+            });
+            // Let the host submit its commands before the script arrives.
+            for _ in 0..64 {
+                tokio::task::yield_now().await;
+            }
+            let _ = w.get_mut().write_all(&script).await;
+            let _ = drain.await;
+        });
+        let (mut hr, mut hw) = (PduReader::new(hr), PduWriter::new(hw));
+        let Ok(params) = queue::initialize(&mut hr, &mut hw, &setup).await else {
+            controller.abort();
+            return None;
+        };
+        let started = queue::start(setup, hr, hw, params, |_| {}).await;
+        let outcome = match started {
+            Ok((q, _, task)) => {
+                let read = IoCommand::Read {
+                    nsid: 1,
+                    slba: 0,
+                    nlb: 1,
+                    fua: false,
+                }
+                .to_sqe(0);
+                let write = IoCommand::Write {
+                    nsid: 1,
+                    slba: 0,
+                    nlb: 4,
+                    fua: false,
+                }
+                .to_sqe(0);
+                let ka = AdminCommand::KeepAlive.to_sqe(0);
+                let r = queue::submit(&q, read, Bytes::new(), 8192, "read");
+                let w = queue::submit(&q, write, Bytes::from(vec![7u8; 10_000]), 0, "write");
+                let k = queue::submit(&q, ka, Bytes::new(), 0, "keep alive");
+                let all = async { tokio::join!(r, w, k) };
+                let done = tokio::time::timeout(Duration::from_secs(5), all).await;
+                task.abort();
+                let Ok((r, w, k)) = done else {
+                    panic!("outstanding commands neither completed nor failed");
+                };
+                Some(vec![r, w, k])
+            }
+            Err(_) => None,
+        };
+        controller.abort();
+        outcome
+    }
+}
