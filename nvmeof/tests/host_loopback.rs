@@ -442,3 +442,40 @@ async fn stalled_path_times_out_then_recovers() {
     assert!(c.reconnect_count() >= 1);
     t.shutdown().await;
 }
+
+#[tokio::test]
+async fn admin_passthrough_smart_log_and_limits() {
+    use nvmeof::nvme::{AdminCommand, LogPageId, SmartLog};
+    let t = start_target(|_| {}).await;
+    let c = Controller::connect(host_config(t.local_addr(), 1, 4))
+        .await
+        .unwrap();
+    c.write(0, 1, 0, block(0, 1, 1), false).await.unwrap();
+    let smart = AdminCommand::GetLogPage {
+        nsid: 0xFFFF_FFFF,
+        lid: LogPageId::SMART,
+        lsp: 0,
+        rae: false,
+        numd: 512 / 4 - 1,
+        offset: 0,
+    };
+    let r = c.admin(smart, Bytes::new(), 512).await.unwrap();
+    let log = SmartLog::decode(&r.data).unwrap();
+    assert!(log.host_write_commands >= 1, "{log:?}");
+    let e = c.admin(smart, Bytes::new(), 1 << 20).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest);
+    // A log page the controller does not have comes back as a status error.
+    let bogus = AdminCommand::GetLogPage {
+        nsid: 0xFFFF_FFFF,
+        lid: LogPageId(0xEE),
+        lsp: 0,
+        rae: false,
+        numd: 512 / 4 - 1,
+        offset: 0,
+    };
+    let e = c.admin(bogus, Bytes::new(), 512).await.unwrap_err();
+    assert!(e.status().is_some_and(|s| !s.is_success()), "{e}");
+    // The association is still usable.
+    c.read(0, 1, 0, 1).await.unwrap();
+    t.shutdown().await;
+}

@@ -285,6 +285,11 @@ impl Controller {
         data_out: Bytes,
         read_len: u32,
     ) -> Result<Response, HostError> {
+        if read_len > ADMIN_MAX_READ {
+            return Err(HostError::InvalidRequest(format!(
+                "admin reads are limited to {ADMIN_MAX_READ} bytes, asked for {read_len}"
+            )));
+        }
         let s = self.session().await?;
         checked(
             queue::submit(&s.admin, cmd.to_sqe(0), data_out, read_len, "admin").await?,
@@ -577,6 +582,9 @@ fn setup_for(
 
 /// Admin queue depth (as Linux: 32).
 const ADMIN_DEPTH: u16 = 32;
+/// Largest admin data transfer this host accepts (and so its receive limit
+/// on the admin queue).
+const ADMIN_MAX_READ: u32 = 64 * 1024;
 /// In-capsule data every controller accepts on the admin queue (8 KiB).
 const ADMIN_IN_CAPSULE: u32 = 8192;
 
@@ -605,7 +613,14 @@ async fn bring_up(
     ),
     HostError,
 > {
-    let setup = setup_for(config, 0, ADMIN_DEPTH, 0xFFFF, ADMIN_IN_CAPSULE, 64 * 1024);
+    let setup = setup_for(
+        config,
+        0,
+        ADMIN_DEPTH,
+        0xFFFF,
+        ADMIN_IN_CAPSULE,
+        ADMIN_MAX_READ,
+    );
     let (admin, cqe, task) = queue::open(setup, reporter(fail, generation)).await?;
     let result = async {
         if !cqe.status.is_success() {
