@@ -35,9 +35,20 @@ pub fn name_key(name: &str) -> u64 {
 /// segment number and the node's key, and on nothing else.
 #[must_use]
 pub const fn draw(volume: u64, segment: u64, key: u64) -> u64 {
+    node_draw(segment_seed(volume, segment), key)
+}
+
+/// The part of [`draw`] that depends only on the segment, computed once per placement.
+#[must_use]
+pub const fn segment_seed(volume: u64, segment: u64) -> u64 {
     let h = mix64(volume ^ 0x9e37_79b9_7f4a_7c15);
-    let h = mix64(h ^ segment.wrapping_add(0x6a09_e667_f3bc_c909));
-    mix64(h ^ key)
+    mix64(h ^ segment.wrapping_add(0x6a09_e667_f3bc_c909))
+}
+
+/// The rest of [`draw`]: `draw(v, s, key) == node_draw(segment_seed(v, s), key)`.
+#[must_use]
+pub const fn node_draw(seed: u64, key: u64) -> u64 {
+    mix64(seed ^ key)
 }
 
 /// Maps a draw to a number strictly between 0 and 1: the top 52 bits, plus one half, over
@@ -73,10 +84,24 @@ pub fn ln(x: f64) -> f64 {
     }
     let s = (m - 1.0) / (m + 1.0);
     let s2 = s * s;
-    // Horner form of 1 + s2/3 + s2^2/5 + ... + s2^11/23.
+    // Horner form of 1 + s2/3 + s2^2/5 + ... + s2^11/23 (the reciprocals are constants,
+    // correctly rounded at compile time exactly as they would be at run time).
+    const INV: [f64; 11] = [
+        1.0 / 21.0,
+        1.0 / 19.0,
+        1.0 / 17.0,
+        1.0 / 15.0,
+        1.0 / 13.0,
+        1.0 / 11.0,
+        1.0 / 9.0,
+        1.0 / 7.0,
+        1.0 / 5.0,
+        1.0 / 3.0,
+        1.0,
+    ];
     let mut p = 1.0 / 23.0;
-    for k in [21.0, 19.0, 17.0, 15.0, 13.0, 11.0, 9.0, 7.0, 5.0, 3.0, 1.0] {
-        p = p * s2 + 1.0 / k;
+    for c in INV {
+        p = p * s2 + c;
     }
     f64::from(e) * LN_2 + 2.0 * s * p
 }
@@ -93,6 +118,13 @@ mod tests {
         assert_eq!(name_key(""), mix64(0xcbf2_9ce4_8422_2325));
         assert_eq!(name_key("node1"), name_key("node1"));
         assert_ne!(name_key("node1"), name_key("node2"));
+    }
+
+    #[test]
+    fn draw_splits_into_segment_seed_and_node_draw() {
+        for (v, s, k) in [(0, 0, 0), (1, 2, 3), (u64::MAX, 7, name_key("n"))] {
+            assert_eq!(draw(v, s, k), node_draw(segment_seed(v, s), k));
+        }
     }
 
     #[test]

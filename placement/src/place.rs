@@ -26,13 +26,15 @@
 use std::cmp::Ordering;
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{DomainShortage, Error};
 use crate::hash;
 use crate::map::{ClusterMap, NodeId, NodeState};
 use crate::profile::{Layout, Profile, Resolved};
 
 /// A segment of a volume: the unit that is placed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SegmentId {
     /// Volume id.
     pub volume: u64,
@@ -56,7 +58,7 @@ impl fmt::Display for SegmentId {
 
 /// Where the pieces of a segment are: `pieces[i]` holds piece `i` (data strips first,
 /// then parity; for mirrors, copy `i`). This is what the engine records.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Assignment {
     /// The segment.
     pub segment: SegmentId,
@@ -65,7 +67,8 @@ pub struct Assignment {
 }
 
 /// Why a piece moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MoveReason {
     /// Its node is down: the piece is rebuilt from the others.
     NodeDown,
@@ -89,7 +92,7 @@ impl MoveReason {
 }
 
 /// One piece to move.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PieceMove {
     /// The segment.
     pub segment: SegmentId,
@@ -283,11 +286,12 @@ impl<'a> Placer<'a> {
     /// that represents it.
     fn ranking(&self, seg: SegmentId, out: &mut Vec<Ranked>) {
         out.clear();
+        let seed = hash::segment_seed(seg.volume, seg.segment);
         for (di, d) in self.domains.iter().enumerate() {
             let mut candidate = d.start;
             let mut score = f64::INFINITY;
             for (ci, c) in self.candidates[d.start..d.end].iter().enumerate() {
-                let u = hash::unit(hash::draw(seg.volume, seg.segment, c.key));
+                let u = hash::unit(hash::node_draw(seed, c.key));
                 let t = -hash::ln(u) * c.inv_weight;
                 // Ties (probability ~2^-53) go to the node with the smaller id.
                 if t < score {
