@@ -117,7 +117,13 @@ async fn four_queues_depth_32_verified() {
     write_read_verify(&c, 128, 2048, 1, 1).await;
     // 32 KiB extents exceed in-capsule data: R2T + H2CData.
     write_read_verify(&c, 128, 512, 8, 2).await;
+    let other = c.clone();
     c.shutdown().await.unwrap();
+    // Every clone sees the handle closed; nothing reconnects.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = other.read(0, 1, 0, 1).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    assert_eq!(other.reconnect_count(), 0);
     t.shutdown().await;
 }
 

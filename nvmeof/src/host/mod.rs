@@ -174,7 +174,7 @@ struct Inner {
     config: HostConfig,
     state: watch::Receiver<State>,
     /// Dropping the last handle ends the supervisor.
-    _stop: mpsc::Sender<()>,
+    stop: mpsc::Sender<()>,
     reconnects: AtomicUsize,
 }
 
@@ -203,7 +203,7 @@ impl Controller {
         let inner = Arc::new(Inner {
             config: config.clone(),
             state: state_rx,
-            _stop: stop_tx,
+            stop: stop_tx,
             reconnects: AtomicUsize::new(0),
         });
         tokio::spawn(supervise(
@@ -458,6 +458,9 @@ impl Controller {
                 }
             }
         }
+        // Stop the supervisor (no keep-alive, no reconnect); it marks the
+        // handle closed for every clone and ends the queues.
+        let _ = self.inner.stop.try_send(());
         s.abort();
         r.map(|_| ())
     }
