@@ -150,7 +150,7 @@ impl IdentifyController {
     /// SGLS: address field may be an offset (needed for in-capsule data).
     pub const SGLS_OFFSET: u32 = 1 << 20;
     /// SGLS: transport SGL data block supported.
-    pub const SGLS_TRANSPORT: u32 = 1 << 22;
+    pub const SGLS_TRANSPORT: u32 = 1 << 21;
 
     /// In-capsule data bytes an I/O command capsule may carry (IOCCSZ*16 - 64).
     pub fn in_capsule_data_size(&self) -> u32 {
@@ -643,6 +643,10 @@ mod tests {
         assert_eq!(&b[1792..1796], &[4, 1, 0, 0]);
         assert_eq!(b[1803], 1);
         assert_eq!(IdentifyController::decode(&b).unwrap(), c);
+        // SGLS bits as SPDK and Linux spell them: bits 1:0 support, 2 keyed,
+        // 20 address as offset (SAOS), 21 transport SGL data block.
+        assert_eq!(IdentifyController::SGLS_OFFSET, 0x0010_0000);
+        assert_eq!(IdentifyController::SGLS_TRANSPORT, 0x0020_0000);
         assert_eq!(c.in_capsule_data_size(), 4096);
         assert_eq!(c.max_transfer_bytes(4096), Some(128 * 1024));
         assert!(IdentifyController::decode(&b[..4095]).is_err());
