@@ -261,6 +261,15 @@ async fn target_io_round_trips_in_capsule_and_r2t() {
         .exec(IoCommand::Flush { nsid: 0xFFFF_FFFF }.to_sqe(0), None, 0)
         .await;
     assert!(c.status.is_success());
+    // A no-data command described by an empty in-capsule SGL is fine too.
+    let (c, _) = q
+        .exec(
+            IoCommand::Flush { nsid: 1 }.to_sqe(0),
+            Some(Bytes::new()),
+            0,
+        )
+        .await;
+    assert!(c.status.is_success());
     // A read larger than the host's buffer is refused.
     let (c, _) = q.exec(read(0, 8), None, 512).await;
     assert_eq!(sc(&c), StatusCode::DATA_SGL_LENGTH_INVALID);

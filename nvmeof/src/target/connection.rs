@@ -486,7 +486,11 @@ impl Conn {
             l.io_in_capsule
         };
         let reject = |s: StatusCode| Reply::status(Status::new(s).dnr());
-        if sqe.psdt != SubmissionEntry::PSDT_SGL && !(sgl.length == 0 && c.data.is_empty()) {
+        if sgl.length == 0 && c.data.is_empty() {
+            // No data phase: whatever kind of (empty) descriptor the host used.
+            return self.dispatch(sqe, Bytes::new(), 0);
+        }
+        if sqe.psdt != SubmissionEntry::PSDT_SGL {
             self.complete(sqe.cid, reject(StatusCode::INVALID_FIELD));
             return None;
         }
