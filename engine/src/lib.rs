@@ -5,3 +5,4 @@
 //! own threading and durability rules.
 
 pub mod pipeline;
+pub mod shard;
