@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential pkg-config cpio kmod iproute2 zstd ca-certificates
   qemu-system-x86 busybox-static passt fio nvme-cli tshark
-  liburing-dev
+  liburing-dev libisal-dev
 )
 missing=()
 for p in "${packages[@]}"; do
