@@ -13,27 +13,34 @@ use crate::nvme::{
 };
 use crate::tcp::{decode_pdu, ConnectionParams, Pdu, PduError, Role};
 
-/// Decodes a stream of PDUs under parameters picked by the first two bytes,
-/// checks that each decoded PDU re-encodes to bytes that decode to the same
-/// PDU, and feeds every payload to the NVMe structure decoders.
-pub fn pdu_decode(data: &[u8]) {
-    let [a, b, rest @ ..] = data else { return };
-    let role = if a & 1 == 0 {
-        Role::Controller
-    } else {
-        Role::Host
-    };
-    let p = ConnectionParams {
-        role,
+/// The receiving end's parameters the `pdu_decode` harness derives from its
+/// first two input bytes: bit 0 of `a` = host (else controller), bit 1 header
+/// digest, bit 2 data digest, bit 3 CPDA from `b`, bit 4 HPDA from `b`, bit 5
+/// a 1 MiB data limit (else 8 KiB).
+pub fn pdu_params(a: u8, b: u8) -> ConnectionParams {
+    ConnectionParams {
+        role: if a & 1 == 0 {
+            Role::Controller
+        } else {
+            Role::Host
+        },
         hdgst: a & 2 != 0,
         ddgst: a & 4 != 0,
         cpda: if a & 8 != 0 { b & 31 } else { 0 },
         hpda: if a & 16 != 0 { (b >> 3) & 31 } else { 0 },
         maxh2cdata: 4096,
         max_rx_data: if a & 32 != 0 { 1 << 20 } else { 8192 },
-    };
+    }
+}
+
+/// Decodes a stream of PDUs under parameters picked by the first two bytes,
+/// checks that each decoded PDU re-encodes to bytes that decode to the same
+/// PDU, and feeds every payload to the NVMe structure decoders.
+pub fn pdu_decode(data: &[u8]) {
+    let [a, b, rest @ ..] = data else { return };
+    let p = pdu_params(*a, *b);
     let sender = ConnectionParams {
-        role: match role {
+        role: match p.role {
             Role::Host => Role::Controller,
             Role::Controller => Role::Host,
         },
