@@ -1064,6 +1064,9 @@ pub mod fuzz_support {
                 tokio::task::yield_now().await;
             }
             let _ = w.get_mut().write_all(&script).await;
+            // End of script: the controller closes its side, so every input
+            // ends promptly (the stall path is covered by a unit test).
+            let _ = w.get_mut().shutdown().await;
             let _ = drain.await;
         });
         let (mut hr, mut hw) = (PduReader::new(hr), PduWriter::new(hw));
