@@ -136,7 +136,41 @@ fn figures() {
     }
 }
 
+/// CPU time of this thread in nanoseconds (Linux `schedstat`), so the throughput figure
+/// does not depend on how many other processes share the machine.
+fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Placements per second of CPU time and of wall time, over 100,000 placements.
+fn cpu_throughput() {
+    let map = map_1000();
+    for (layout, level) in [
+        (Layout::ec(4, 2), "rack"),
+        (Layout::ec(4, 2), "node"),
+        (Layout::mirror(3), "rack"),
+    ] {
+        let p = Placer::new(&map, layout, level).expect("placer");
+        let count: u32 = 100_000;
+        let wall = std::time::Instant::now();
+        let cpu0 = thread_cpu_ns();
+        for s in 0..count {
+            black_box(p.place(SegmentId::new(2, u64::from(s))));
+        }
+        let cpu = cpu0.zip(thread_cpu_ns()).map(|(a, b)| b.saturating_sub(a));
+        let wall_s = wall.elapsed().as_secs_f64();
+        let per_cpu_s = cpu.map_or(f64::NAN, |ns| to_f64(count) / (count_f64(ns / 1000) / 1e6));
+        println!(
+            "cpu-throughput {layout} level={level}: {count} placements, {:.0} per CPU-second, {:.0} per wall-second",
+            per_cpu_s,
+            to_f64(count) / wall_s
+        );
+    }
+}
+
 fn bench(c: &mut Criterion) {
+    cpu_throughput();
     figures();
     let map = map_1000();
     let mut g = c.benchmark_group("placement_1000_nodes");
