@@ -683,6 +683,11 @@ fn report(command: &str, log_path: &Path, console: &str) -> String {
     if let Some(d) = dmesg {
         out.push_str(&format!("--- dmesg tail ---\n{}\n", tail(d, 30)));
     }
+    // The log file may not outlive a CI machine: the whole console goes last.
+    out.push_str(&format!(
+        "--- whole console ({}) ---\n{console}\n--- end of console ---\n",
+        log_path.display()
+    ));
     out
 }
 
