@@ -82,14 +82,15 @@ impl MemoryBackend {
             len,
             max: MAX_REQUEST,
         })?;
-        let mut out = BytesMut::zeroed(ulen);
-        let mut at = 0usize;
+        // Filled piece by piece (no zeroing pass first): copies for written chunks,
+        // zeroes only for never-written ones.
+        let mut out = BytesMut::with_capacity(ulen);
         for (idx, within, n) in Self::pieces(offset, len) {
             let guard = self.chunks[idx].read().unwrap_or_else(|p| p.into_inner());
-            if let Some(chunk) = guard.as_ref() {
-                out[at..at + n].copy_from_slice(&chunk[within..within + n]);
+            match guard.as_ref() {
+                Some(chunk) => out.extend_from_slice(&chunk[within..within + n]),
+                None => out.resize(out.len() + n, 0),
             }
-            at += n;
         }
         Ok(out.freeze())
     }

@@ -295,14 +295,30 @@ async fn terminate_on_error<R, W>(
     let _ = writer.shutdown().await;
 }
 
-async fn changed_opt<T>(rx: Option<&mut watch::Receiver<T>>) {
+async fn changed_opt<T>(rx: Option<watch::Receiver<T>>) {
     match rx {
-        Some(rx) => {
+        Some(mut rx) => {
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the connection must stop: `Close` on shutdown, teardown or reset,
+/// `Gone` when the writer (and so the socket) is gone.
+async fn stop_signal(
+    mut shutdown: watch::Receiver<bool>,
+    teardown: Option<watch::Receiver<Option<TeardownReason>>>,
+    io_reset: Option<watch::Receiver<u64>>,
+    tx: mpsc::UnboundedSender<Out>,
+) -> Stop {
+    tokio::select! {
+        _ = super::shutdown_signalled(&mut shutdown) => Stop::Close,
+        _ = changed_opt(teardown) => Stop::Close,
+        _ = changed_opt(io_reset) => Stop::Close,
+        _ = tx.closed() => Stop::Gone,
     }
 }
 
@@ -316,17 +332,27 @@ impl Conn {
         reader: &mut PduReader<R>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Stop {
+        // One long-lived future watches every reason to stop (target shutdown,
+        // controller teardown, controller reset, writer gone); building it per PDU
+        // would register and deregister four waiters for every command.
+        let stop = stop_signal(shutdown.clone(), None, None, self.tx.clone());
+        tokio::pin!(stop);
+        let mut bound = false;
         loop {
-            let (teardown, io_reset) = match &mut self.binding {
-                Some(b) => (Some(&mut b.teardown), b.io_reset.as_mut()),
-                None => (None, None),
-            };
+            if !bound {
+                if let Some(b) = &self.binding {
+                    bound = true;
+                    stop.set(stop_signal(
+                        shutdown.clone(),
+                        Some(b.teardown.clone()),
+                        b.io_reset.clone(),
+                        self.tx.clone(),
+                    ));
+                }
+            }
             let pdu = tokio::select! {
                 r = reader.read_pdu(&self.params) => r,
-                _ = super::shutdown_signalled(shutdown) => return Stop::Close,
-                _ = changed_opt(teardown) => return Stop::Close,
-                _ = changed_opt(io_reset) => return Stop::Close,
-                _ = self.tx.closed() => return Stop::Gone,
+                s = &mut stop => return s,
             };
             let pdu = match pdu {
                 Ok(p) => p,
