@@ -43,7 +43,16 @@ pub fn check_volumes(map: &ClusterMap, volumes: &[VolumeSpec<'_>]) -> Vec<Volume
                 Some(layout) => v
                     .profile
                     .validate()
-                    .and_then(|()| Placer::new(map, layout, &v.profile.failure_domain))
+                    .and_then(|()| {
+                        if map.level_index(&v.profile.failure_domain).is_none() {
+                            return Err(Error::UnknownLevel {
+                                profile: v.profile.name.clone(),
+                                level: v.profile.failure_domain.clone(),
+                                levels: map.levels().join(", "),
+                            });
+                        }
+                        Placer::new(map, layout, &v.profile.failure_domain)
+                    })
                     .map(|p| p.layout()),
             };
             VolumeCheck {

@@ -305,3 +305,35 @@ fn volume_report_names_the_volumes_the_map_fails() {
         .to_string()
         .contains("ec:auto:2 needs 6"));
 }
+
+#[test]
+fn placer_for_profile_resolves_adaptive_ec_and_place_indices_agree() {
+    let map = eight_racks();
+    let mut profile = placement::builtin_profiles().remove(0);
+    profile.failure_domain = "rack".into();
+    let (placer, resolved) = Placer::for_profile(&map, &profile).unwrap();
+    assert_eq!(resolved.layout, Layout::ec(4, 1));
+    assert_eq!(placer.layout(), Layout::ec(4, 1));
+    assert_eq!(placer.domain_names().count(), 8);
+    let mut idx = Vec::new();
+    for s in 0..200 {
+        let seg = SegmentId::new(4, s);
+        placer.place_indices(seg, &mut idx);
+        let by_index: Vec<NodeId> = idx.iter().map(|&i| map.nodes()[i].id.clone()).collect();
+        assert_eq!(by_index, placer.place(seg));
+    }
+    profile.failure_domain = "row".into();
+    let e = Placer::for_profile(&map, &profile).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("profile \"default\" puts pieces in distinct \"row\""),
+        "{e}"
+    );
+    let vols = [VolumeSpec {
+        volume: 9,
+        profile: &profile,
+        layout: Some(Layout::ec(4, 1)),
+    }];
+    let r = check_volumes(&map, &vols);
+    assert_eq!(r[0].result, Err(e));
+}
