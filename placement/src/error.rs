@@ -56,6 +56,14 @@ pub enum Error {
         /// The map's levels, comma-separated.
         levels: String,
     },
+    /// A placement was asked for at a failure-domain level the cluster map does not have.
+    #[error("there is no failure-domain level {level:?} in the cluster map (its levels are {levels}). Place at one of those levels, or give the nodes' domain paths that level.")]
+    NoSuchLevel {
+        /// The level asked for.
+        level: String,
+        /// The map's levels, comma-separated.
+        levels: String,
+    },
     /// The cluster map has fewer usable failure domains than the protection needs.
     #[error("{0}")]
     NotEnoughDomains(Box<DomainShortage>),

@@ -183,8 +183,7 @@ impl<'a> Placer<'a> {
     ) -> Result<Self, Error> {
         let level = map
             .level_index(level_name)
-            .ok_or_else(|| Error::UnknownLevel {
-                profile: layout.to_string(),
+            .ok_or_else(|| Error::NoSuchLevel {
                 level: level_name.to_owned(),
                 levels: map.levels().join(", "),
             })?;

@@ -250,6 +250,11 @@ fn assignment_with_wrong_piece_count_is_an_error() {
         "segment 1/2 has 3 recorded pieces but its layout ec:4+2 has 6. Plan it with the layout the segment was written with."
     );
     assert!(placer.rebalance(&a).is_err());
+    let e = Placer::new(&map, Layout::ec(4, 2), "row").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "there is no failure-domain level \"row\" in the cluster map (its levels are rack, node). Place at one of those levels, or give the nodes' domain paths that level."
+    );
 }
 
 #[test]
