@@ -25,11 +25,13 @@
 
 pub mod conformance;
 mod memory;
+mod nvme;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use memory::MemoryShard;
+pub use nvme::{NvmeShard, NvmeShardConfig};
 
 /// The future every shard operation returns.
 pub type ShardFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ShardError>> + Send + 'a>>;
