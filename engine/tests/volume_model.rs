@@ -1,0 +1,354 @@
+//! Model-based test of the volume: random writes, reads, deallocates, write-zeroes,
+//! flushes, repairs, nodes going offline and coming back, and bytes corrupted on
+//! nodes, checked against an in-memory model of what each block must hold.
+//!
+//! With at most m faulty nodes (the profile's failures to tolerate) every read must
+//! succeed and return exactly what the model holds. With more, a read may fail, but a
+//! successful read must still return the model's data: unverified bytes never escape.
+//!
+//! A write that fails without a write cache must have no effect. With a write cache a
+//! failed write leaves each of its blocks holding either the old or the new data (as
+//! NVMe allows), so the model keeps both candidates until a read tells them apart.
+
+use std::sync::Arc;
+
+use engine::pipeline::{Compression, DataKey, MemoryEpochStore, VolumeId};
+use engine::shard::{MemoryShard, ShardStore};
+use engine::volume::{Volume, VolumeConfig, VolumeError};
+use futures::executor::block_on;
+use proptest::prelude::*;
+
+const BLOCKS: u64 = 48;
+const BLOCK: usize = 4096;
+const SHARD_BLOCK: u32 = 512;
+
+/// The content of a block written with `tag` at `lba` (tag 0: zeroes). Two thirds
+/// compress well, one third is random and is stored raw.
+fn block_bytes(tag: u64, lba: u64) -> Vec<u8> {
+    let mut out = vec![0u8; BLOCK];
+    if tag == 0 {
+        return out;
+    }
+    let mut x = tag
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(lba.wrapping_mul(0xD1B5_4A32_D192_ED03))
+        | 1;
+    let random_len = if tag % 3 == 0 { BLOCK } else { 1024 };
+    for chunk in out[..random_len].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let fill = tag.to_le_bytes()[0];
+    out[random_len..].fill(fill);
+    out[..8].copy_from_slice(&tag.to_le_bytes());
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { lba: u64, blocks: u64, fua: bool },
+    Read { lba: u64, blocks: u64 },
+    Deallocate { lba: u64, blocks: u64 },
+    WriteZeroes { lba: u64, blocks: u64 },
+    Flush,
+    Offline { node: usize },
+    Online { node: usize },
+    Corrupt { node: usize, at: u64, xor: u8 },
+    Repair,
+}
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (0..BLOCKS).prop_flat_map(|lba| (Just(lba), 1..=(BLOCKS - lba).min(12)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (range(), any::<bool>()).prop_map(|((lba, blocks), fua)| Op::Write { lba, blocks, fua }),
+        5 => range().prop_map(|(lba, blocks)| Op::Read { lba, blocks }),
+        1 => range().prop_map(|(lba, blocks)| Op::Deallocate { lba, blocks }),
+        1 => range().prop_map(|(lba, blocks)| Op::WriteZeroes { lba, blocks }),
+        1 => Just(Op::Flush),
+        1 => (0usize..8).prop_map(|node| Op::Offline { node }),
+        1 => (0usize..8).prop_map(|node| Op::Online { node }),
+        2 => (0usize..8, any::<u64>(), 1u8..=255).prop_map(|(node, at, xor)| Op::Corrupt { node, at, xor }),
+        1 => Just(Op::Repair),
+    ]
+}
+
+struct Harness {
+    volume: Volume,
+    nodes: Vec<Arc<MemoryShard>>,
+    /// Per block: the tags it may hold (one, except after a failed cached write).
+    model: Vec<Vec<u64>>,
+    offline: Vec<bool>,
+    corrupted: Vec<bool>,
+    /// Faulty nodes allowed at once.
+    budget: usize,
+    tag: u64,
+    write_cache: bool,
+}
+
+impl Harness {
+    fn new(
+        k: usize,
+        m: usize,
+        compression: bool,
+        encryption: bool,
+        write_cache: bool,
+        budget: usize,
+    ) -> Self {
+        let nodes: Vec<Arc<MemoryShard>> = (0..k + m)
+            .map(|i| Arc::new(MemoryShard::new(format!("node{i}"), 8 << 20, SHARD_BLOCK)))
+            .collect();
+        let shards: Vec<Arc<dyn ShardStore>> = nodes
+            .iter()
+            .map(|n| Arc::clone(n) as Arc<dyn ShardStore>)
+            .collect();
+        let layout = if k == 1 {
+            placement::Layout::mirror(u8::try_from(m + 1).expect("small"))
+        } else {
+            placement::Layout::ec(
+                u8::try_from(k).expect("small"),
+                u8::try_from(m).expect("small"),
+            )
+        };
+        let mut config = VolumeConfig::new(VolumeId([3; 16]), layout, BLOCKS);
+        config.compression = if compression {
+            Compression::Zstd { level: 1 }
+        } else {
+            Compression::Off
+        };
+        config.compression_unit = 16 * 1024;
+        config.strip_size = 24 * 1024;
+        config.rows_per_segment = 8;
+        config.data_offset = 4096;
+        config.write_cache = write_cache;
+        let key = encryption.then(|| DataKey::from_bytes([0x42; 32]));
+        let volume = Volume::create(config, shards, key.as_ref(), &mut MemoryEpochStore::new())
+            .expect("create");
+        Harness {
+            volume,
+            nodes,
+            model: vec![vec![0]; usize::try_from(BLOCKS).expect("small")],
+            offline: vec![false; k + m],
+            corrupted: vec![false; k + m],
+            budget,
+            tag: 0,
+            write_cache,
+        }
+    }
+
+    fn faulty(&self) -> usize {
+        self.offline
+            .iter()
+            .zip(&self.corrupted)
+            .filter(|(o, c)| **o || **c)
+            .count()
+    }
+
+    fn may_fault(&self, node: usize) -> bool {
+        self.offline[node] || self.corrupted[node] || self.faulty() < self.budget
+    }
+
+    fn tolerated(&self) -> bool {
+        self.faulty() <= self.volume.config().m
+    }
+
+    fn check_read(&mut self, lba: u64, blocks: u64, result: Result<Vec<u8>, VolumeError>) {
+        let data = match result {
+            Ok(d) => d,
+            Err(e) => {
+                assert!(
+                    !self.tolerated(),
+                    "read {lba}+{blocks} failed with {} faulty nodes (m = {}): {e}",
+                    self.faulty(),
+                    self.volume.config().m
+                );
+                return;
+            }
+        };
+        assert_eq!(data.len(), usize::try_from(blocks).expect("small") * BLOCK);
+        for (i, got) in data.chunks(BLOCK).enumerate() {
+            let b = lba + i as u64;
+            let slot = &mut self.model[usize::try_from(b).expect("small")];
+            let hit = slot.iter().copied().find(|&t| block_bytes(t, b) == got);
+            match hit {
+                Some(t) => *slot = vec![t],
+                None => panic!(
+                    "block {b} read back wrong data (expected one of tags {slot:?}, first bytes {:02x?})",
+                    &got[..16]
+                ),
+            }
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        let n = self.nodes.len();
+        match *op {
+            Op::Write { lba, blocks, fua } => {
+                let tags: Vec<u64> = (0..blocks)
+                    .map(|_| {
+                        self.tag += 1;
+                        self.tag
+                    })
+                    .collect();
+                let mut data = Vec::with_capacity(usize::try_from(blocks).expect("small") * BLOCK);
+                for (i, t) in tags.iter().enumerate() {
+                    data.extend_from_slice(&block_bytes(*t, lba + i as u64));
+                }
+                let all_up = !self.offline.iter().any(|o| *o);
+                match block_on(self.volume.write(lba, &data, fua)) {
+                    Ok(()) => {
+                        for (i, t) in tags.iter().enumerate() {
+                            self.model[usize::try_from(lba).expect("small") + i] = vec![*t];
+                        }
+                    }
+                    Err(e) => {
+                        assert!(!all_up, "write failed with every node up: {e}");
+                        assert!(
+                            matches!(e, VolumeError::NotDurable { .. }),
+                            "unexpected write error {e}"
+                        );
+                        if self.write_cache {
+                            for (i, t) in tags.iter().enumerate() {
+                                self.model[usize::try_from(lba).expect("small") + i].push(*t);
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Read { lba, blocks } => {
+                let r = block_on(self.volume.read(lba, blocks));
+                self.check_read(lba, blocks, r);
+            }
+            Op::Deallocate { lba, blocks } => {
+                self.volume.deallocate(lba, blocks).expect("deallocate");
+                for b in lba..lba + blocks {
+                    self.model[usize::try_from(b).expect("small")] = vec![0];
+                }
+            }
+            Op::WriteZeroes { lba, blocks } => {
+                self.volume.write_zeroes(lba, blocks).expect("write zeroes");
+                for b in lba..lba + blocks {
+                    self.model[usize::try_from(b).expect("small")] = vec![0];
+                }
+            }
+            Op::Flush => {
+                let all_up = !self.offline.iter().any(|o| *o);
+                let r = block_on(self.volume.flush());
+                if all_up {
+                    r.expect("flush with every node up");
+                }
+            }
+            Op::Offline { node } => {
+                let node = node % n;
+                if self.may_fault(node) {
+                    self.nodes[node].set_offline(true);
+                    self.offline[node] = true;
+                }
+            }
+            Op::Online { node } => {
+                let node = node % n;
+                self.nodes[node].set_offline(false);
+                self.offline[node] = false;
+            }
+            Op::Corrupt { node, at, xor } => {
+                let node = node % n;
+                let g = *self.volume.geometry();
+                let used = self.volume.rows_used() * g.strip_size;
+                if used > 0 && self.may_fault(node) {
+                    assert!(self.nodes[node].corrupt(g.data_offset + at % used, xor));
+                    self.corrupted[node] = true;
+                }
+            }
+            Op::Repair => {
+                block_on(self.volume.run_repairs());
+            }
+        }
+    }
+
+    /// Brings every node back, flushes, and reads the whole volume.
+    fn finish(&mut self) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            node.set_offline(false);
+            self.offline[i] = false;
+        }
+        block_on(self.volume.flush()).expect("final flush");
+        block_on(self.volume.run_repairs());
+        let r = block_on(self.volume.read(0, BLOCKS));
+        self.check_read(0, BLOCKS, r);
+    }
+}
+
+fn run(k: usize, m: usize, compression: bool, encryption: bool, write_cache: bool, ops: &[Op]) {
+    let mut h = Harness::new(k, m, compression, encryption, write_cache, m);
+    for op in ops {
+        h.apply(op);
+    }
+    h.finish();
+}
+
+fn run_beyond(k: usize, m: usize, write_cache: bool, ops: &[Op]) {
+    let mut h = Harness::new(k, m, true, true, write_cache, m + 1);
+    for op in ops {
+        h.apply(op);
+    }
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+macro_rules! model_tests {
+    ($($name:ident: $k:expr, $m:expr, $compression:expr, $encryption:expr;)*) => {
+        proptest! {
+            #![proptest_config(config(16))]
+            $(
+                #[test]
+                fn $name(write_cache in any::<bool>(), ops in proptest::collection::vec(op(), 1..40)) {
+                    run($k, $m, $compression, $encryption, write_cache, &ops);
+                }
+            )*
+        }
+    };
+}
+
+model_tests! {
+    mirror2_plain: 1, 1, false, false;
+    mirror2_zstd: 1, 1, true, false;
+    mirror2_aes: 1, 1, false, true;
+    mirror2_zstd_aes: 1, 1, true, true;
+    mirror3_plain: 1, 2, false, false;
+    mirror3_zstd: 1, 2, true, false;
+    mirror3_aes: 1, 2, false, true;
+    mirror3_zstd_aes: 1, 2, true, true;
+    ec2_1_plain: 2, 1, false, false;
+    ec2_1_zstd: 2, 1, true, false;
+    ec2_1_aes: 2, 1, false, true;
+    ec2_1_zstd_aes: 2, 1, true, true;
+    ec4_2_plain: 4, 2, false, false;
+    ec4_2_zstd: 4, 2, true, false;
+    ec4_2_aes: 4, 2, false, true;
+    ec4_2_zstd_aes: 4, 2, true, true;
+}
+
+proptest! {
+    #![proptest_config(config(6))]
+
+    /// More faulty nodes than the profile tolerates: reads may fail, never lie.
+    #[test]
+    fn beyond_tolerance_never_returns_wrong_data(
+        layout in 0usize..4,
+        write_cache in any::<bool>(),
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        let (k, m) = [(1, 1), (1, 2), (2, 1), (4, 2)][layout];
+        run_beyond(k, m, write_cache, &ops);
+    }
+}
