@@ -331,9 +331,9 @@ mod tests {
             pieces,
             strip_blocks: blocks,
         } = row.seal(&g, coder.as_ref()).expect("seal");
-        assert_eq!(blocks, vec![10, 8]);
+        assert_eq!(blocks, vec![10, 9]);
         let lens: Vec<(usize, usize)> = pieces.iter().map(|(p, b)| (*p, b.len())).collect();
-        assert_eq!(lens, vec![(0, 5120), (1, 4096), (2, 5120)]);
+        assert_eq!(lens, vec![(0, 5120), (1, 4608), (2, 5120)]);
         // XOR parity for k=2, m=1 in the Cauchy code is not plain XOR, but any one
         // missing strip must come back from the other two.
         let strips: Vec<Option<&[u8]>> = vec![None, Some(&pieces[1].1), Some(&pieces[2].1)];
