@@ -202,3 +202,18 @@ fn deallocate_and_write_zeroes_read_as_zeroes_and_bad_requests_fail() {
     ));
     assert!(v.deallocate(1000, 100).is_err());
 }
+
+#[test]
+fn config_follows_profile_compression_and_unit() {
+    for profile in placement::builtin_profiles() {
+        let config = VolumeConfig::new(VolumeId([1; 16]), placement::Layout::ec(4, 2), 64)
+            .with_profile(&profile);
+        assert_eq!(config.compression_unit, profile.compression_unit);
+        assert_eq!(
+            config.compression.to_string(),
+            profile.compression.to_string(),
+            "{}",
+            profile.name
+        );
+    }
+}
