@@ -8,10 +8,12 @@
 //! (add `--features rse-simd` to measure reed-solomon-erasure with its `simd-accel`).
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::KeyInit;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use engine::pipeline::compress::Codec;
 use engine::pipeline::keys::AeadKey;
 use engine::pipeline::{
@@ -19,12 +21,60 @@ use engine::pipeline::{
     NonceAllocator, RecordPipeline, VolumeId,
 };
 
+/// Criterion measurement of the benchmark thread's CPU time
+/// (`CLOCK_THREAD_CPUTIME_ID`) instead of wall time: these machines have 2 cores shared
+/// by many builds, and wall time there mostly measures who else was scheduled.
+struct ThreadCpu {
+    wall: WallTime,
+}
+
+fn thread_cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid, exclusive pointer;
+    // CLOCK_THREAD_CPUTIME_ID is supported on every Linux this runs on.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+impl Measurement for ThreadCpu {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        thread_cpu_now()
+    }
+    fn end(&self, start: Duration) -> Duration {
+        thread_cpu_now().saturating_sub(start)
+    }
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn to_f64(&self, v: &Duration) -> f64 {
+        v.as_secs_f64() * 1e9
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.wall.formatter()
+    }
+}
+
+type C = Criterion<ThreadCpu>;
+
 const SIZES: [(&str, usize); 3] = [("4k", 4096), ("32k", 32768), ("128k", 131_072)];
 const K: usize = 4;
 const M: usize = 2;
 
 fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed | 1;
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     move || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -85,7 +135,7 @@ fn data(kind: &str, len: usize, seed: u64) -> Vec<u8> {
     }
 }
 
-fn bench_compress(c: &mut Criterion) {
+fn bench_compress(c: &mut C) {
     let settings = [
         ("lz4", Compression::Lz4),
         ("zstd1", Compression::Zstd { level: 1 }),
@@ -131,7 +181,7 @@ fn bench_compress(c: &mut Criterion) {
     g.finish();
 }
 
-fn bench_aead(c: &mut Criterion) {
+fn bench_aead(c: &mut C) {
     let key = [0x11u8; 32];
     let aws = AeadKey::new(&key).expect("key");
     let rc = aes_gcm::Aes256Gcm::new_from_slice(&key).expect("key");
@@ -164,7 +214,7 @@ fn bench_aead(c: &mut Criterion) {
     g.finish();
 }
 
-fn bench_crc(c: &mut Criterion) {
+fn bench_crc(c: &mut C) {
     let mut g = c.benchmark_group("crc32c");
     for (size_name, size) in SIZES {
         let buf = random(size, 3);
@@ -191,7 +241,7 @@ fn rse_name() -> &'static str {
 }
 
 /// RS(4+2) over a row carrying `size` bytes of data (4 strips of size/4).
-fn bench_rs(c: &mut Criterion) {
+fn bench_rs(c: &mut C) {
     let mut g = c.benchmark_group("rs_encode_4+2");
     for (size_name, size) in SIZES {
         let strip = size / K;
@@ -328,7 +378,7 @@ fn writer(compression: Compression) -> RecordPipeline {
 }
 
 /// Whole record seal/open (zstd:1 + AES-256-GCM + crc32c) per record size.
-fn bench_record(c: &mut Criterion) {
+fn bench_record(c: &mut C) {
     for kind in ["text", "random"] {
         let mut g = c.benchmark_group(format!("record_{kind}"));
         for (size_name, size) in SIZES {
@@ -351,92 +401,174 @@ fn bench_record(c: &mut Criterion) {
     }
 }
 
-/// One RS(4+2) row holding four records of `size` (one per data strip): the steps on
-/// their exact intermediate buffers, then the whole pipeline.
-fn bench_whole(c: &mut Criterion) {
+/// One RS(4+2) row holding four records of `size` (one per data strip), with the
+/// intermediate buffers of one real pass, so each step can be timed on exactly what it
+/// sees inside the pipeline.
+struct Row {
+    records: Vec<Vec<u8>>,
+    writer: RecordPipeline,
+    strips: Vec<Vec<u8>>,
+    codec: Codec,
+    bodies: Vec<Vec<u8>>,
+    parity: Vec<Vec<u8>>,
+    coder: Box<dyn ErasureCoder>,
+    aead: AeadKey,
+    nonce: u64,
+}
+
+impl Row {
+    fn new(kind: &str, size: usize) -> Self {
+        let records: Vec<Vec<u8>> = (0..K).map(|i| data(kind, size, 30 + i as u64)).collect();
+        let compression = Compression::Zstd { level: 1 };
+        let mut row = Self {
+            writer: writer(compression),
+            strips: (0..K).map(|_| Vec::with_capacity(size + 128)).collect(),
+            codec: Codec::new(compression).expect("codec"),
+            bodies: Vec::new(),
+            parity: Vec::new(),
+            coder: coder_for(K, M).expect("coder"),
+            aead: AeadKey::new(&[0x22; 32]).expect("key"),
+            nonce: 0,
+            records,
+        };
+        row.whole();
+        let mut codec = Codec::new(compression).expect("codec");
+        row.bodies = row
+            .records
+            .iter()
+            .map(|r| match codec.compress(r).expect("compress") {
+                Some((_, p)) => p.to_vec(),
+                None => r.clone(),
+            })
+            .collect();
+        row
+    }
+
+    fn step_compress(&mut self) {
+        for r in &self.records {
+            black_box(self.codec.compress(black_box(r)).expect("compress"));
+        }
+    }
+
+    fn step_aead(&mut self) {
+        let aad = [0u8; 60];
+        for body in &mut self.bodies {
+            self.nonce += 1;
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&self.nonce.to_le_bytes());
+            black_box(self.aead.seal_in_place(nonce, &aad, body).expect("seal"));
+        }
+    }
+
+    fn step_crc(&mut self) {
+        for s in &self.strips {
+            black_box(crc::crc32c(black_box(s)));
+        }
+    }
+
+    fn step_ec(&mut self) {
+        let d: Vec<&[u8]> = self.strips.iter().map(Vec::as_slice).collect();
+        let mut p: Vec<&mut [u8]> = self.parity.iter_mut().map(Vec::as_mut_slice).collect();
+        self.coder.encode(black_box(&d), &mut p).expect("encode");
+    }
+
+    /// Compress, seal (AES-GCM, crc32c) and append each record to its strip, then
+    /// compute parity over the strips as filled.
+    fn whole(&mut self) {
+        for (i, r) in self.records.iter().enumerate() {
+            self.strips[i].clear();
+            let lba = u64::try_from(i).unwrap_or(0) * 1000;
+            self.writer
+                .seal(lba, 1, r, &mut self.strips[i])
+                .expect("seal");
+        }
+        let len = self.strips.iter().map(Vec::len).max().unwrap_or(0);
+        self.parity.resize(M, Vec::new());
+        for p in &mut self.parity {
+            p.resize(len, 0);
+        }
+        self.step_ec();
+    }
+}
+
+type Step = (&'static str, fn(&mut Row));
+const STEPS: [Step; 5] = [
+    ("step_compress", Row::step_compress),
+    ("step_aead", Row::step_aead),
+    ("step_crc", Row::step_crc),
+    ("step_ec", Row::step_ec),
+    ("whole", Row::whole),
+];
+
+fn bench_whole(c: &mut C) {
     for kind in ["text", "random"] {
         for (size_name, size) in SIZES {
             let mut g = c.benchmark_group(format!("pipeline_{kind}_{size_name}"));
             g.throughput(Throughput::Bytes(u64::try_from(size * K).unwrap_or(0)));
-            let records: Vec<Vec<u8>> = (0..K).map(|i| data(kind, size, 30 + i as u64)).collect();
-            let compression = Compression::Zstd { level: 1 };
-
-            // Intermediate buffers, produced by one pass of the real pipeline.
-            let mut w = writer(compression);
-            let mut strips: Vec<Vec<u8>> = (0..K).map(|_| Vec::with_capacity(size + 128)).collect();
-            for (i, r) in records.iter().enumerate() {
-                w.seal(u64::try_from(i).unwrap_or(0) * 1000, 1, r, &mut strips[i])
-                    .expect("seal");
+            let mut row = Row::new(kind, size);
+            for (name, step) in STEPS {
+                g.bench_function(name, |b| b.iter(|| step(&mut row)));
             }
-            let mut codec = Codec::new(compression).expect("codec");
-            let mut bodies: Vec<Vec<u8>> = records
-                .iter()
-                .map(|r| match codec.compress(r).expect("compress") {
-                    Some((_, p)) => p.to_vec(),
-                    None => r.clone(),
-                })
-                .collect();
-            let strip_len = strips.iter().map(Vec::len).max().unwrap_or(0);
-            let mut parity = vec![vec![0u8; strip_len]; M];
-            let coder: Box<dyn ErasureCoder> = coder_for(K, M).expect("coder");
-            let aead = AeadKey::new(&[0x22; 32]).expect("key");
-            let aad = [0u8; 60];
-
-            g.bench_function("step_compress", |b| {
-                b.iter(|| {
-                    for r in &records {
-                        black_box(codec.compress(black_box(r)).expect("compress"));
-                    }
-                });
-            });
-            let mut n = 0u64;
-            g.bench_function("step_aead", |b| {
-                b.iter(|| {
-                    for body in &mut bodies {
-                        n += 1;
-                        let mut nonce = [0u8; 12];
-                        nonce[4..].copy_from_slice(&n.to_le_bytes());
-                        black_box(aead.seal_in_place(nonce, &aad, body).expect("seal"));
-                    }
-                });
-            });
-            g.bench_function("step_crc", |b| {
-                b.iter(|| {
-                    for s in &strips {
-                        black_box(crc::crc32c(black_box(s)));
-                    }
-                });
-            });
-            g.bench_function("step_ec", |b| {
-                b.iter(|| {
-                    let d: Vec<&[u8]> = strips.iter().map(Vec::as_slice).collect();
-                    let mut p: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
-                    coder.encode(black_box(&d), &mut p).expect("encode");
-                });
-            });
-            g.bench_function("whole", |b| {
-                b.iter(|| {
-                    for (i, r) in records.iter().enumerate() {
-                        strips[i].clear();
-                        w.seal(u64::try_from(i).unwrap_or(0) * 1000, 1, r, &mut strips[i])
-                            .expect("seal");
-                    }
-                    let len = strips.iter().map(Vec::len).max().unwrap_or(0);
-                    for p in &mut parity {
-                        p.resize(len, 0);
-                    }
-                    let d: Vec<&[u8]> = strips.iter().map(Vec::as_slice).collect();
-                    let mut p: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
-                    coder.encode(&d, &mut p).expect("encode");
-                });
-            });
             g.finish();
         }
     }
 }
 
+/// Whole versus the sum of its steps: thread CPU time, the steps and the whole timed in
+/// interleaved rounds (median of 31) so what other processes do to caches and clocks
+/// hits all of them alike. Run with `PIPELINE_RATIO=1 cargo bench -p benches --bench pipeline`.
+fn interleaved_ratio_report() {
+    println!("| data | record | compress | aead | crc | ec | sum of steps | whole | whole/sum |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for kind in ["text", "random"] {
+        for (size_name, size) in SIZES {
+            let mut row = Row::new(kind, size);
+            // Calibrate: enough iterations for about 5 ms per batch.
+            let iters: Vec<u32> = STEPS
+                .iter()
+                .map(|(_, step)| {
+                    let t = thread_cpu_now();
+                    step(&mut row);
+                    let one = thread_cpu_now().saturating_sub(t).as_nanos().max(1);
+                    u32::try_from((5_000_000 / one).clamp(1, 100_000)).unwrap_or(1)
+                })
+                .collect();
+            let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+            for _ in 0..31 {
+                for (i, (_, step)) in STEPS.iter().enumerate() {
+                    let t = thread_cpu_now();
+                    for _ in 0..iters[i] {
+                        step(&mut row);
+                    }
+                    let spent = thread_cpu_now().saturating_sub(t);
+                    samples[i].push(spent.as_secs_f64() * 1e6 / f64::from(iters[i]));
+                }
+            }
+            let med: Vec<f64> = samples
+                .iter_mut()
+                .map(|s| {
+                    s.sort_by(f64::total_cmp);
+                    s[s.len() / 2]
+                })
+                .collect();
+            let sum: f64 = med[..4].iter().sum();
+            println!(
+                "| {kind} | {size_name} | {:.2} | {:.2} | {:.2} | {:.2} | {sum:.2} | {:.2} | {:.3} |",
+                med[0],
+                med[1],
+                med[2],
+                med[3],
+                med[4],
+                med[4] / sum
+            );
+        }
+    }
+}
+
 criterion_group!(
-    benches,
+    name = benches;
+    config = Criterion::default().with_measurement(ThreadCpu { wall: WallTime });
+    targets =
     bench_compress,
     bench_aead,
     bench_crc,
@@ -444,4 +576,14 @@ criterion_group!(
     bench_record,
     bench_whole
 );
-criterion_main!(benches);
+fn main() {
+    if std::env::var_os("PIPELINE_RATIO").is_some() {
+        interleaved_ratio_report();
+        return;
+    }
+    benches();
+    Criterion::default()
+        .with_measurement(ThreadCpu { wall: WallTime })
+        .configure_from_args()
+        .final_summary();
+}
