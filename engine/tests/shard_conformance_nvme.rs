@@ -406,7 +406,9 @@ async fn node_down_mid_use_is_unavailable_then_service_resumes_after_restart() {
                 )
                 .await
                 .expect("a write to a dead node hung");
-                assert!(started.elapsed() < Duration::from_secs(5));
+                // The command timeout is 2 s; the rest is room for a loaded machine.
+                let took = started.elapsed();
+                assert!(took < Duration::from_secs(8), "{took:?}");
                 match r {
                     Ok(()) => outcomes.0 += 1,
                     Err(ShardError::Unavailable { .. }) => {
@@ -429,14 +431,14 @@ async fn node_down_mid_use_is_unavailable_then_service_resumes_after_restart() {
     }
     assert!(unavailable > 0, "no write saw the node go down");
     // With the node down, every kind of request fails as Unavailable within the
-    // command timeout (2 s) plus slack.
+    // command timeout (2 s each) plus room for a loaded machine.
     let started = Instant::now();
     let e = s.read(0, 4096).await.unwrap_err();
     assert!(matches!(e, ShardError::Unavailable { .. }), "{e:?}");
     let e = s.flush().await.unwrap_err();
     assert!(matches!(e, ShardError::Unavailable { .. }), "{e:?}");
     assert!(
-        started.elapsed() < Duration::from_secs(6),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
