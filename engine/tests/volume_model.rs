@@ -1,6 +1,6 @@
 //! Model-based test of the volume: random writes, reads, deallocates, write-zeroes,
-//! flushes, repairs, nodes going offline and coming back, and bytes corrupted on
-//! nodes, checked against an in-memory model of what each block must hold.
+//! flushes, repairs, nodes going offline and coming back, bytes corrupted on nodes,
+//! unreadable blocks and power loss of every node (the volume itself keeps running), checked against an in-memory model of what each block must hold.
 //!
 //! With at most m faulty nodes (the profile's failures to tolerate) every read must
 //! succeed and return exactly what the model holds. With more, a read may fail, but a
@@ -56,6 +56,8 @@ enum Op {
     Offline { node: usize },
     Online { node: usize },
     Corrupt { node: usize, at: u64, xor: u8 },
+    BadBlock { node: usize, at: u64 },
+    PowerLoss,
     Repair,
 }
 
@@ -73,6 +75,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..8).prop_map(|node| Op::Offline { node }),
         1 => (0usize..8).prop_map(|node| Op::Online { node }),
         2 => (0usize..8, any::<u64>(), 1u8..=255).prop_map(|(node, at, xor)| Op::Corrupt { node, at, xor }),
+        1 => (0usize..8, any::<u64>()).prop_map(|(node, at)| Op::BadBlock { node, at }),
+        1 => Just(Op::PowerLoss),
         1 => Just(Op::Repair),
     ]
 }
@@ -263,6 +267,22 @@ impl Harness {
                     self.corrupted[node] = true;
                 }
             }
+            Op::BadBlock { node, at } => {
+                let node = node % n;
+                let g = *self.volume.geometry();
+                let used = self.volume.rows_used() * g.strip_size;
+                if used > 0 && self.may_fault(node) {
+                    self.nodes[node].add_bad_block(g.data_offset + at % used);
+                    self.corrupted[node] = true;
+                }
+            }
+            Op::PowerLoss => {
+                // Every node loses what it had not made durable; sealed rows were
+                // written with FUA, so nothing acknowledged may go.
+                for node in &self.nodes {
+                    node.power_loss();
+                }
+            }
             Op::Repair => {
                 block_on(self.volume.run_repairs());
             }
@@ -339,7 +359,7 @@ model_tests! {
 }
 
 proptest! {
-    #![proptest_config(config(6))]
+    #![proptest_config(config(16))]
 
     /// More faulty nodes than the profile tolerates: reads may fail, never lie.
     #[test]
