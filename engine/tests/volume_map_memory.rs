@@ -79,6 +79,17 @@ fn random_pattern(writes: u64, span: u64, seed: u64) -> (isize, usize, u64) {
 fn map_memory_within_32_bytes_per_written_block() {
     random_4k_writes();
     sequential_writes_use_dense_pages();
+    scattered_worst_case();
+}
+
+/// Not bounded, printed for the record: one written block per 1 MiB of LBA space
+/// (every page holds one entry) pays the page index per block.
+fn scattered_worst_case() {
+    let (heap, _, mapped) = random_pattern(50_000, 1 << 40, 0x9abc_def1);
+    println!(
+        "map: 50000 random writes over 2^40 blocks (one per page): {} B/block",
+        heap as f64 / mapped as f64
+    );
 }
 
 fn random_4k_writes() {

@@ -57,6 +57,12 @@ fn ec_4_2_random_4k_write_amplification() {
             v.stats().rows_sealed
         );
         assert!((1.5..1.6).contains(&wa), "{wa}");
+        println!(
+            "  map {} bytes for {} mapped blocks, sealed-row table {} bytes",
+            v.map_memory_bytes(),
+            v.mapped_blocks(),
+            v.row_table_memory_bytes()
+        );
 
         // Synchronous, one write at a time: every write seals its own row.
         let mut v = volume(false, shard_block, 12 << 20);
