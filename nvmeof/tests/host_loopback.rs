@@ -326,6 +326,17 @@ impl Drop for Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cut_mid_io_recovers_without_corruption() {
+    cut_mid_io(1024).await;
+}
+
+/// The same on a single-threaded runtime (as the engine's per-core reactors
+/// run), with workers that retry failed writes at once.
+#[tokio::test(flavor = "current_thread")]
+async fn connection_cut_with_tight_retry_loops_on_one_thread() {
+    cut_mid_io(256).await;
+}
+
+async fn cut_mid_io(extents: u64) {
     let t = start_target(|_| {}).await;
     let proxy = Proxy::start(t.local_addr()).await;
     let mut hc = host_config(proxy.addr, 2, 32);
@@ -335,7 +346,6 @@ async fn connection_cut_mid_io_recovers_without_corruption() {
         give_up_after: Some(Duration::from_secs(20)),
     };
     let c = Controller::connect(hc).await.unwrap();
-    const EXTENTS: u64 = 1024;
     const BLOCKS: u32 = 2;
     let path_errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -345,7 +355,7 @@ async fn connection_cut_mid_io_recovers_without_corruption() {
         tasks.push(tokio::spawn(async move {
             for round in 1..=3u32 {
                 let mut i = w;
-                while i < EXTENTS {
+                while i < extents {
                     let lba = i * u64::from(BLOCKS);
                     let data = block(lba, round, 2);
                     // The engine's policy for idempotent whole-block writes:
@@ -391,7 +401,7 @@ async fn connection_cut_mid_io_recovers_without_corruption() {
         "some I/O saw the path failure"
     );
     // Every extent holds its last version, byte for byte.
-    for i in 0..EXTENTS {
+    for i in 0..extents {
         let lba = i * u64::from(BLOCKS);
         let got = loop {
             match c.read(0, 1, lba, BLOCKS).await {

@@ -142,6 +142,7 @@ pub struct NamespaceInfo {
 /// One live association.
 #[derive(Debug)]
 struct Session {
+    generation: u64,
     admin: QueueHandle,
     io: Vec<QueueHandle>,
     identify: IdentifyController,
@@ -184,8 +185,15 @@ pub struct Controller {
     inner: Arc<Inner>,
 }
 
-/// Queue tasks report their end here with the generation they belong to.
-type FailureTx = mpsc::UnboundedSender<(u64, HostError)>;
+/// Where queue tasks report their failure: the supervisor's channel (with the
+/// generation they belong to) and the published state, which the failing
+/// task itself flips to `Reconnecting` at once so that no caller is handed a
+/// dead association while the supervisor catches up.
+#[derive(Debug, Clone)]
+struct FailureTx {
+    tx: mpsc::UnboundedSender<(u64, HostError)>,
+    state: Option<Arc<watch::Sender<State>>>,
+}
 
 impl Controller {
     /// Connects: admin queue, controller enable, Identify, Set Features
@@ -196,9 +204,15 @@ impl Controller {
                 "need at least one I/O queue and a queue depth of at least 2".into(),
             ));
         }
-        let (fail_tx, fail_rx) = mpsc::unbounded_channel();
-        let session = establish(&config, 1, &fail_tx).await?;
-        let (state_tx, state_rx) = watch::channel(State::Connected(Arc::new(session)));
+        let (tx, fail_rx) = mpsc::unbounded_channel();
+        let (state_tx, state_rx) = watch::channel(State::Reconnecting);
+        let state_tx = Arc::new(state_tx);
+        let fail_tx = FailureTx {
+            tx,
+            state: Some(Arc::clone(&state_tx)),
+        };
+        let session = Arc::new(establish(&config, 1, &fail_tx).await?);
+        state_tx.send_replace(State::Connected(Arc::clone(&session)));
         let (stop_tx, stop_rx) = mpsc::channel(1);
         let inner = Arc::new(Inner {
             config: config.clone(),
@@ -209,6 +223,7 @@ impl Controller {
         tokio::spawn(supervise(
             config,
             state_tx,
+            session,
             fail_tx,
             fail_rx,
             stop_rx,
@@ -595,7 +610,16 @@ fn reporter(fail: &FailureTx, generation: u64) -> impl FnOnce(QueueExit) + Send 
     let fail = fail.clone();
     move |exit| {
         if let QueueExit::Failed(e) = exit {
-            let _ = fail.send((generation, e));
+            if let Some(state) = &fail.state {
+                state.send_if_modified(|st| match st {
+                    State::Connected(s) if s.generation == generation => {
+                        *st = State::Reconnecting;
+                        true
+                    }
+                    _ => false,
+                });
+            }
+            let _ = fail.tx.send((generation, e));
         }
     }
 }
@@ -819,6 +843,7 @@ async fn establish(
     .await;
     match result {
         Ok((io, namespaces, max_transfer)) => Ok(Session {
+            generation,
             admin,
             io,
             identify: id,
@@ -857,7 +882,8 @@ where
 
 async fn supervise(
     config: HostConfig,
-    state: watch::Sender<State>,
+    state: Arc<watch::Sender<State>>,
+    first: Arc<Session>,
     fail_tx: FailureTx,
     mut fail_rx: mpsc::UnboundedReceiver<(u64, HostError)>,
     mut stop: mpsc::Receiver<()>,
@@ -872,10 +898,9 @@ async fn supervise(
     let mut ka = tokio::time::interval(ka_period);
     ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut generation = 1u64;
-    let current = |state: &watch::Sender<State>| match &*state.borrow() {
-        State::Connected(s) => Some(Arc::clone(s)),
-        _ => None,
-    };
+    // The association this task owns (the published state may already say
+    // Reconnecting: a failing queue flips it itself).
+    let mut live: Option<Arc<Session>> = Some(first);
     loop {
         let failure: Option<HostError> = tokio::select! {
             _ = stop.recv() => None,
@@ -885,34 +910,33 @@ async fn supervise(
                 None => None,
             },
             _ = ka.tick(), if !kato.is_zero() => {
-                let Some(s) = current(&state) else { continue };
+                let Some(s) = live.clone() else { continue };
                 match admin_cmd(&s.admin, AdminCommand::KeepAlive, 0, "keep alive").await {
                     Ok(_) => continue,
-                    Err(e) if e.kind() == ErrorKind::Closed => None,
                     Err(e) => Some(e),
                 }
             }
         };
         let Some(failure) = failure else {
-            if let Some(s) = current(&state) {
+            if let Some(s) = live.take() {
                 s.abort();
             }
-            let _ = state.send(State::Closed(
+            state.send_replace(State::Closed(
                 "controller handle dropped or shut down".into(),
             ));
             return;
         };
         tracing::warn!(addr = %config.addr, subnqn = %config.subnqn, error = %failure, "path failure; reconnecting");
-        if let Some(s) = current(&state) {
+        if let Some(s) = live.take() {
             s.abort();
         }
-        let _ = state.send(State::Reconnecting);
+        state.send_replace(State::Reconnecting);
         let started = Instant::now();
         let mut delay = config.reconnect.initial_delay;
         loop {
             tokio::select! {
                 _ = stop.recv() => {
-                    let _ = state.send(State::Closed("controller handle dropped".into()));
+                    state.send_replace(State::Closed("controller handle dropped".into()));
                     return;
                 }
                 _ = tokio::time::sleep(delay) => {}
@@ -926,7 +950,9 @@ async fn supervise(
                     if let Some(i) = inner.upgrade() {
                         i.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ = state.send(State::Connected(Arc::new(s)));
+                    let s = Arc::new(s);
+                    live = Some(Arc::clone(&s));
+                    state.send_replace(State::Connected(s));
                     ka.reset();
                     break;
                 }
@@ -937,7 +963,7 @@ async fn supervise(
                         .give_up_after
                         .is_some_and(|g| started.elapsed() > g)
                     {
-                        let _ = state.send(State::Closed(format!("gave up reconnecting: {e}")));
+                        state.send_replace(State::Closed(format!("gave up reconnecting: {e}")));
                         return;
                     }
                     delay = (delay * 2).min(config.reconnect.max_delay);
@@ -952,7 +978,8 @@ async fn supervise(
 pub(crate) async fn admin_only(
     config: &HostConfig,
 ) -> Result<(QueueHandleGuard, IdentifyController), HostError> {
-    let (fail_tx, _fail_rx) = mpsc::unbounded_channel();
+    let (tx, _fail_rx) = mpsc::unbounded_channel();
+    let fail_tx = FailureTx { tx, state: None };
     let (admin, task, _cntlid, _cap, _vs, id) = bring_up(config, 0, &fail_tx).await?;
     Ok((QueueHandleGuard { q: admin, task }, id))
 }

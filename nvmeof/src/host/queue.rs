@@ -210,8 +210,7 @@ where
         command_timeout: setup.command_timeout,
     };
     let task = tokio::spawn(async move {
-        let exit = conn.run().await;
-        on_exit(exit);
+        conn.run(on_exit).await;
     });
     let handle = QueueHandle { tx, qid: setup.qid };
     let connect = FabricsCommand::Connect {
@@ -259,17 +258,26 @@ pub(crate) async fn submit(
     name: &'static str,
 ) -> Result<Response, HostError> {
     let (reply, rx) = oneshot::channel();
-    q.tx.send(Request {
+    let request = Request {
         sqe,
         data_out,
         read_len,
         name,
         reply,
-    })
-    .await
-    .map_err(|_| HostError::Path(format!("queue {} is down", q.qid)))?;
-    rx.await
-        .map_err(|_| HostError::Path(format!("queue {} went down", q.qid)))?
+    };
+    let result = match q.tx.send(request).await {
+        Ok(()) => match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(HostError::Path(format!("queue {} went down", q.qid))),
+        },
+        Err(_) => Err(HostError::Path(format!("queue {} is down", q.qid))),
+    };
+    if matches!(result, Err(HostError::Path(_))) {
+        // A dead queue fails instantly; yield so that a caller retrying in a
+        // tight loop cannot starve the tasks that rebuild the association.
+        tokio::task::yield_now().await;
+    }
+    result
 }
 
 fn frame_err(e: FrameError) -> HostError {
@@ -325,12 +333,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    async fn run(mut self) -> QueueExit {
+    /// Serves until the connection ends, then reports how (first, before any
+    /// teardown step can be delayed) and fails everything still pending.
+    async fn run(mut self, on_exit: impl FnOnce(QueueExit)) {
         let exit = self.serve().await;
         let (failure, term, header) = match exit {
             Ok(()) => (None, None, None),
             Err(f) => (Some(f.error), f.term, f.header),
         };
+        on_exit(match &failure {
+            None => QueueExit::Closed,
+            Some(e) => QueueExit::Failed(e.clone()),
+        });
         if let Some(t) = term {
             let data = header.unwrap_or_else(|| Bytes::copy_from_slice(self.reader.last_header()));
             let pdu = Pdu::H2CTermReq(TermReq {
@@ -358,10 +372,6 @@ where
             let _ = r.reply.send(Err(path_error(&err)));
         }
         let _ = self.writer.shutdown().await;
-        match failure {
-            None => QueueExit::Closed,
-            Some(e) => QueueExit::Failed(e),
-        }
     }
 
     async fn serve(&mut self) -> Result<(), Fatal> {
