@@ -101,6 +101,7 @@ fn cached_writes_seal_full_rows_and_flush_makes_them_durable() {
     );
     block_on(v.flush()).expect("flush");
     assert_eq!(v.stats().rows_sealed, 1);
+    assert!(!v.has_unsealed_writes());
     for n in &nodes {
         n.power_loss();
     }

@@ -340,6 +340,13 @@ impl Volume {
         self.next_row
     }
 
+    /// Whether acknowledged writes are waiting in the open row (with a write cache):
+    /// the owner arms its batching-window timer while this is true and calls
+    /// [`Volume::seal_open_row`] when it fires.
+    pub fn has_unsealed_writes(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| !o.is_empty())
+    }
+
     /// Pieces waiting in the repair queue.
     pub fn pending_repairs(&self) -> usize {
         self.repairs.len()
