@@ -108,6 +108,31 @@ impl AeadKey {
         Ok(out)
     }
 
+    /// Encrypts `src` into `dst` (`src.len() + TAG_LEN` bytes: ciphertext then tag)
+    /// in one pass, leaving `src` untouched; saves the copy an in-place seal needs.
+    pub fn seal_into(
+        &self,
+        nonce: [u8; 12],
+        aad: &[u8],
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(), PipelineError> {
+        if dst.len() != src.len() + TAG_LEN {
+            return Err(PipelineError::Crypto("AES-GCM seal: output length"));
+        }
+        let (ct, tag) = dst.split_at_mut(src.len());
+        self.0
+            .seal_out_of_place_scatter(
+                AeadNonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                src,
+                ct,
+                &[],
+                tag,
+            )
+            .map_err(|_| PipelineError::Crypto("AES-GCM seal"))
+    }
+
     /// Decrypts `ciphertext || tag` in place; returns the plaintext length.
     pub fn open_in_place(
         &self,
