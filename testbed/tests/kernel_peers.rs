@@ -331,36 +331,14 @@ fn assert_digests_good(d: &Dissection, summary: &str) {
     }
 }
 
-/// Deterministic bytes for the block at `lba` (an xorshift stream seeded by the LBA and
-/// a tag), so that a block read from the wrong place or a stale one never matches.
+/// Deterministic bytes for the block at `lba`, seeded by the LBA and a tag, so that a
+/// block read from the wrong place or a stale one never matches.
 fn pattern(tag: u64, lba: u64, len: usize) -> Vec<u8> {
-    let mut x = (lba ^ (tag << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    testbed::testdata::xorshift_bytes(lba ^ (tag << 40), len)
 }
 
-/// sha256 of `data` by the host's `sha256sum`, to compare with the guest's.
 fn sha256_hex(data: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    testbed::testdata::sha256_hex(data).unwrap()
 }
 
 /// One write of the kernel-target test: where, how big, and on which I/O queue.

@@ -19,32 +19,11 @@ const CHECK_LEN: usize = 256 << 10;
 
 /// Bytes that differ at every position and between tags.
 fn pattern(tag: u64, len: usize) -> Vec<u8> {
-    let mut x = tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    testbed::testdata::xorshift_bytes(tag, len)
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    testbed::testdata::sha256_hex(data).unwrap()
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {
