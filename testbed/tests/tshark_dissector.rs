@@ -23,16 +23,7 @@ const EXPECTED_TYPES: [u8; 7] = [0, 1, 4, 5, 6, 7, 9];
 const DIGEST_GOOD: u8 = 1;
 
 fn block(lba: u64, len: usize) -> Bytes {
-    let mut x = lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    Bytes::from(out)
+    Bytes::from(testbed::testdata::xorshift_bytes(lba, len))
 }
 
 /// Drives discovery, connect, Identify, in-capsule writes (up to the target's 8 KiB
