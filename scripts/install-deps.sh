@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential pkg-config cpio kmod iproute2 zstd ca-certificates
   qemu-system-x86 busybox-static passt fio nvme-cli tshark
-  liburing-dev libisal-dev
+  qemu-utils libnbd-bin nbdkit gnuplot-nox
+  iperf3 curl python3 ethtool iputils-ping
+  liburing-dev libisal-dev protobuf-compiler
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -4,8 +4,16 @@
 //! See `docs/architecture.md` for how the pieces fit; each submodule's doc explains its
 //! own threading and durability rules.
 
+pub mod api;
+pub mod daemon;
+pub mod frontend;
 pub mod layout;
 pub mod map;
+pub mod metadata;
+pub mod net;
 pub mod pipeline;
+pub mod pool;
+pub mod reactor;
 pub mod shard;
+pub mod store;
 pub mod volume;

@@ -66,10 +66,11 @@ fn settings() -> [Compression; 4] {
 /// Recomputes the crc of a record whose header was edited (what an attacker with node
 /// access can always do), so the test reaches the AEAD.
 fn fix_crc(record: &mut [u8]) {
-    let crc = engine::pipeline::crc::crc32c_append(
-        engine::pipeline::crc::crc32c(&record[..44]),
-        &record[HEADER_LEN..],
-    );
+    fix_crc_for(&VOL, record);
+}
+
+fn fix_crc_for(volume: &VolumeId, record: &mut [u8]) {
+    let crc = engine::pipeline::record::record_crc(volume, &record[..44], &record[HEADER_LEN..]);
     record[44..48].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -365,10 +366,95 @@ fn record_from_another_volume_fails_to_open() {
     let k = key();
     let mut other =
         RecordPipeline::new(VolumeId([8; 16]), Compression::Off, Some(&k), None).expect("pipeline");
+    // The crc is seeded with the volume id, so a stale record of another volume is
+    // rejected before the AEAD; with the crc forged, the AAD still stops it.
+    assert!(matches!(
+        other.open(&rec, None, &mut Vec::new()),
+        Err(PipelineError::CrcMismatch { .. })
+    ));
+    fix_crc_for(&VolumeId([8; 16]), &mut rec);
     assert_eq!(
         other.open(&rec, None, &mut Vec::new()),
         Err(PipelineError::AeadFailure)
     );
+}
+
+#[test]
+fn plain_record_of_another_volume_fails_its_crc() {
+    let mut rec = Vec::new();
+    writer(Compression::Off, false)
+        .seal(0, 5, &text(1, 1), &mut rec)
+        .expect("seal");
+    let mut other =
+        RecordPipeline::new(VolumeId([8; 16]), Compression::Off, None, None).expect("pipeline");
+    assert!(matches!(
+        other.open(&rec, None, &mut Vec::new()),
+        Err(PipelineError::CrcMismatch { .. })
+    ));
+}
+
+#[test]
+fn zero_records_round_trip_and_cannot_be_forged() {
+    for encrypted in [false, true] {
+        let mut w = writer(Compression::Zstd { level: 1 }, encrypted);
+        let mut r = reader(Compression::Off, encrypted);
+        let mut rec = Vec::new();
+        let sealed = w.seal_zeroes(77, 12, 100_000, &mut rec).expect("seal");
+        assert_eq!(rec.len(), HEADER_LEN + if encrypted { 16 } else { 0 });
+        let mut out = vec![1u8; 10];
+        let h = r
+            .open(
+                &rec,
+                Some(Expected {
+                    first_lba: 77,
+                    generation: 12,
+                }),
+                &mut out,
+            )
+            .expect("open");
+        assert_eq!(h, sealed.header);
+        assert!(h.is_zeroes());
+        assert_eq!(h.zero_blocks, 100_000);
+        assert!(out.is_empty());
+        // Widening the range with a recomputed crc: the AEAD (when encrypted) stops it.
+        let mut wider = rec.clone();
+        wider[40..44].copy_from_slice(&200_000u32.to_le_bytes());
+        fix_crc(&mut wider);
+        let opened = r.open(&wider, None, &mut Vec::new());
+        if encrypted {
+            assert_eq!(opened, Err(PipelineError::AeadFailure));
+        } else {
+            assert!(
+                opened.is_ok(),
+                "plain volumes have no authenticity, only a crc"
+            );
+        }
+        // Without the crc fixed, any edit is caught.
+        let mut bad = rec.clone();
+        bad[41] ^= 1;
+        assert!(matches!(
+            r.open(&bad, None, &mut Vec::new()),
+            Err(PipelineError::CrcMismatch { .. })
+        ));
+    }
+    // A zero record claiming data blocks, or a data record claiming a zero range: refused.
+    let mut w = writer(Compression::Off, false);
+    let mut rec = Vec::new();
+    w.seal_zeroes(0, 1, 4, &mut rec).expect("seal");
+    rec[6] = 1;
+    assert!(matches!(
+        RecordHeader::decode(&rec),
+        Err(PipelineError::BadHeader(_))
+    ));
+    let mut data = Vec::new();
+    w.seal(0, 2, &text(1, 2), &mut data).expect("seal");
+    data[40] = 1;
+    assert!(matches!(
+        RecordHeader::decode(&data),
+        Err(PipelineError::BadHeader(_))
+    ));
+    assert!(w.seal_zeroes(u64::MAX - 2, 3, 4, &mut Vec::new()).is_err());
+    assert!(w.seal_zeroes(0, 3, 0, &mut Vec::new()).is_err());
 }
 
 #[test]

@@ -3,10 +3,13 @@
 //! survive a power loss of every node), reconstruction around a corrupt or missing
 //! piece, the repair queue, and media errors instead of unverified data.
 
+mod common;
+
 use std::sync::Arc;
 
-use engine::pipeline::{Compression, DataKey, MemoryEpochStore, VolumeId};
-use engine::shard::{MemoryShard, ShardStore};
+use common::Cluster;
+use engine::pipeline::{DataKey, VolumeId};
+use engine::shard::MemoryShard;
 use engine::volume::{Volume, VolumeConfig, VolumeError};
 use futures::executor::block_on;
 
@@ -21,29 +24,29 @@ fn pattern(seed: u8, blocks: usize) -> Vec<u8> {
         .collect()
 }
 
-fn setup(k: u8, m: u8, write_cache: bool, shard_block: u32) -> (Volume, Vec<Arc<MemoryShard>>) {
-    let nodes: Vec<Arc<MemoryShard>> = (0..usize::from(k + m))
-        .map(|i| Arc::new(MemoryShard::new(format!("n{i}"), 16 << 20, shard_block)))
-        .collect();
-    let shards: Vec<Arc<dyn ShardStore>> = nodes
-        .iter()
-        .map(|n| Arc::clone(n) as Arc<dyn ShardStore>)
-        .collect();
-    let layout = if k == 1 {
-        placement::Layout::mirror(m + 1)
-    } else {
-        placement::Layout::ec(k, m)
-    };
-    let mut config = VolumeConfig::new(VolumeId([9; 16]), layout, 1024);
-    config.compression = Compression::Off;
+/// A volume on exactly k + m memory nodes (so every segment uses all of them).
+fn setup_on(k: u8, m: u8, write_cache: bool, shard_block: u32, spare: usize) -> (Volume, Cluster) {
+    let mut cluster = Cluster::new(usize::from(k + m) + spare, 16 << 20, shard_block, 1 << 20);
+    let mut config = common::config(9, usize::from(k), usize::from(m), 1024, shard_block);
     config.compression_unit = 8192;
     config.strip_size = 64 * 1024;
-    config.data_offset = 64 * 1024;
+    config.chunk_size = 1 << 20;
     config.write_cache = write_cache;
     let key = DataKey::from_bytes([5; 32]);
-    let v =
-        Volume::create(config, shards, Some(&key), &mut MemoryEpochStore::new()).expect("create");
-    (v, nodes)
+    let v = cluster.open(config, Some(&key));
+    (v, cluster)
+}
+
+fn setup(k: u8, m: u8, write_cache: bool, shard_block: u32) -> (Volume, Vec<Arc<MemoryShard>>) {
+    let (v, cluster) = setup_on(k, m, write_cache, shard_block, 0);
+    (v, cluster.nodes)
+}
+
+fn node<'a>(nodes: &'a [Arc<MemoryShard>], id: &str) -> &'a Arc<MemoryShard> {
+    nodes
+        .iter()
+        .find(|n| engine::shard::ShardStore::info(n.as_ref()).node == id)
+        .expect("node")
 }
 
 #[test]
@@ -117,10 +120,8 @@ fn corrupt_piece_is_rebuilt_repaired_and_then_read_directly() {
         let (mut v, nodes) = setup(k, m, false, 512);
         let data = pattern(5, 2);
         block_on(v.write(100, &data, false)).expect("write");
-        let loc = v.locate(100).expect("mapped");
-        let g = *v.geometry();
-        let at = g.row_offset(loc.row).expect("row") + u64::from(loc.offset) + 100;
-        assert!(nodes[usize::from(loc.strip)].corrupt(at, 0x5a));
+        let (id, at) = v.record_position(100).expect("on a node");
+        assert!(node(&nodes, &id).corrupt(at + 100, 0x5a));
 
         assert_eq!(block_on(v.read(100, 2)).expect("rebuilt"), data, "{k}+{m}");
         assert_eq!(v.stats().reconstructions, 1);
@@ -141,20 +142,51 @@ fn missing_node_is_read_around_and_not_queued_for_repair() {
     let (mut v, nodes) = setup(4, 2, false, 4096);
     let data = pattern(6, 2);
     block_on(v.write(3, &data, false)).expect("write");
-    let loc = v.locate(3).expect("mapped");
-    nodes[usize::from(loc.strip)].set_offline(true);
+    let pieces = v.pieces_of(3).expect("mapped");
+    let (id, _) = v.record_position(3).expect("on a node");
+    node(&nodes, &id).set_offline(true);
     // A second piece gone too: still within m = 2.
-    nodes[4].set_offline(true);
+    node(&nodes, &pieces[4].0).set_offline(true);
     assert_eq!(block_on(v.read(3, 2)).expect("rebuilt"), data);
     assert_eq!(v.pending_repairs(), 0, "an offline node is not damaged");
-    // Writes are not acknowledged while a piece cannot be made durable.
+    // With only k + m nodes, no segment can avoid the failed ones: a write is not
+    // acknowledged while a piece cannot be made durable.
     let r = block_on(v.write(20, &pattern(7, 1), false));
     assert!(matches!(r, Err(VolumeError::NotDurable { .. })), "{r:?}");
     assert_eq!(block_on(v.read(20, 1)).expect("read"), vec![0u8; BLOCK]);
     // A third failure is beyond what ec:4+2 tolerates: an error, not data.
-    nodes[5].set_offline(true);
+    node(&nodes, &pieces[5].0).set_offline(true);
     let r = block_on(v.read(3, 2));
     assert!(matches!(r, Err(VolumeError::Unavailable { .. })), "{r:?}");
+}
+
+#[test]
+fn writes_move_to_nodes_that_are_up_when_a_node_fails() {
+    for write_cache in [false, true] {
+        let (mut v, cluster) = setup_on(4, 2, write_cache, 512, 2);
+        block_on(v.write(0, &pattern(1, 4), false)).expect("write");
+        block_on(v.flush()).expect("flush");
+        let pieces = v.pieces_of(0).expect("mapped");
+        cluster.node(&pieces[0].0).set_offline(true);
+        cluster.node(&pieces[5].0).set_offline(true);
+        // Every write is acknowledged: rows go to a segment on the six nodes left.
+        for i in 0..8u64 {
+            block_on(v.write(100 + i, &pattern(2, 1), i % 3 == 0)).expect("degraded write");
+        }
+        block_on(v.flush()).expect("flush");
+        assert!(v.stats().rows_relocated >= 1, "{:?}", v.stats());
+        let now = v.pieces_of(100).expect("mapped");
+        assert!(
+            now.iter()
+                .all(|(n, _)| n != &pieces[0].0 && n != &pieces[5].0),
+            "{now:?}"
+        );
+        assert_eq!(v.avoided_nodes().len(), 1, "{:?}", v.avoided_nodes());
+        for i in 0..8u64 {
+            assert_eq!(block_on(v.read(100 + i, 1)).expect("read"), pattern(2, 1));
+        }
+        assert_eq!(block_on(v.read(0, 4)).expect("read around"), pattern(1, 4));
+    }
 }
 
 #[test]
@@ -162,12 +194,14 @@ fn unverifiable_data_is_a_media_error() {
     let (mut v, nodes) = setup(2, 1, false, 512);
     let data = pattern(8, 1);
     block_on(v.write(0, &data, false)).expect("write");
+    let pieces = v.pieces_of(0).expect("mapped");
     let loc = v.locate(0).expect("mapped");
-    let g = *v.geometry();
-    let base = g.row_offset(loc.row).expect("row") + u64::from(loc.offset);
+    let (id, base) = v.record_position(0).expect("on a node");
     // Damage the data strip and the parity strip over the record: two faults, m = 1.
-    assert!(nodes[usize::from(loc.strip)].corrupt(base + 60, 1));
-    assert!(nodes[2].corrupt(base + 61, 1));
+    assert!(node(&nodes, &id).corrupt(base + 60, 1));
+    let parity = &pieces[2];
+    assert_ne!(usize::from(loc.strip), 2);
+    assert!(node(&nodes, &parity.0).corrupt(parity.1 + 61, 1));
     let r = block_on(v.read(0, 1));
     assert!(matches!(r, Err(VolumeError::Media { .. })), "{r:?}");
 }
@@ -176,8 +210,8 @@ fn unverifiable_data_is_a_media_error() {
 fn deallocate_and_write_zeroes_read_as_zeroes_and_bad_requests_fail() {
     let (mut v, _nodes) = setup(1, 1, false, 512);
     block_on(v.write(0, &pattern(9, 8), false)).expect("write");
-    v.deallocate(1, 2).expect("deallocate");
-    v.write_zeroes(5, 1).expect("write zeroes");
+    block_on(v.deallocate(1, 2)).expect("deallocate");
+    block_on(v.write_zeroes(5, 1, false)).expect("write zeroes");
     let got = block_on(v.read(0, 8)).expect("read");
     let want = pattern(9, 8);
     for b in 0..8 {
@@ -201,7 +235,7 @@ fn deallocate_and_write_zeroes_read_as_zeroes_and_bad_requests_fail() {
         block_on(v.read(u64::MAX, 2)),
         Err(VolumeError::OutOfRange { .. })
     ));
-    assert!(v.deallocate(1000, 100).is_err());
+    assert!(block_on(v.deallocate(1000, 100)).is_err());
 }
 
 #[test]

@@ -87,6 +87,7 @@ async fn target_bring_up_identify_and_properties() {
     assert_eq!(id.max_transfer_bytes(4096), Some(128 * 1024));
     assert_ne!(id.sgls & IdentifyController::SGLS_SUPPORTED, 0);
     assert_ne!(id.oncs & IdentifyController::ONCS_WRITE_ZEROES, 0);
+    assert_ne!(id.ctratt & IdentifyController::CTRATT_TBKAS, 0);
     assert_ne!(id.oncs & IdentifyController::ONCS_DSM, 0);
     assert_eq!(id.vwc & 1, 0, "memory backend has no volatile cache");
     assert_eq!(id.cntrltype, IdentifyController::CNTRLTYPE_IO);
@@ -411,6 +412,47 @@ async fn target_keep_alive_timeout_tears_down_controller() {
     let mut live = pinger.await.unwrap();
     let (c, _) = live.exec(AdminCommand::KeepAlive.to_sqe(0), None, 0).await;
     assert!(c.status.is_success());
+    t.shutdown().await;
+}
+
+/// Traffic-based keep alive: I/O alone keeps a controller whose host sends no Keep
+/// Alive; once the I/O stops, it is torn down within two KATO periods.
+#[tokio::test]
+async fn io_traffic_alone_keeps_a_controller_alive() {
+    let t = start_target().await;
+    let addr = t.local_addr();
+    let mut a = Client::connect(addr).await;
+    let cntlid = a.admin_setup(SUBNQN, 400).await;
+    let mut q = Client::connect(addr).await;
+    assert!(q
+        .fabrics_connect(SUBNQN, HOSTNQN, 1, 31, cntlid, 0)
+        .await
+        .status
+        .is_success());
+    // Flushes every 100 ms for 1.2 s: three KATO periods without a Keep Alive.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1200) {
+        let (c, _) = q
+            .exec(IoCommand::Flush { nsid: 1 }.to_sqe(0), None, 0)
+            .await;
+        assert!(
+            c.status.is_success(),
+            "flush failed after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(t.controller_count(SUBNQN), 1);
+    // Silence: gone after at most two periods (plus scheduling slack).
+    let quiet = Instant::now();
+    assert!(q.expect_closed().await.is_none());
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(300) && quiet.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        quiet.elapsed()
+    );
+    assert_eq!(t.controller_count(SUBNQN), 0);
+    drop(a);
     t.shutdown().await;
 }
 

@@ -10,8 +10,9 @@
 //!   that is smaller, so both scattered and sequential writes stay under the bound.
 //!
 //! Unmapped blocks (never written, deallocated or zeroed) read as zeroes, which is what
-//! the front-ends advertise for deallocated blocks. The map lives in memory only; making
-//! it durable (checkpoints plus record-header replay) is the metadata layer's job.
+//! the front-ends advertise for deallocated blocks. The map lives in memory; it is made
+//! durable by checkpoints ([`BlockMap::export`], written by the pool to the nodes) plus
+//! replay of the record headers written after the checkpoint.
 
 use std::collections::BTreeMap;
 use std::mem::size_of;
@@ -280,6 +281,72 @@ impl BlockMap {
         }
     }
 
+    /// Calls `f(lba, location)` for every mapped block, in LBA order.
+    pub fn for_each(&self, mut f: impl FnMut(u64, Location)) {
+        for (&page_no, page) in &self.pages {
+            let base = page_no * PAGE_BLOCKS;
+            match page {
+                Page::Sparse { keys, values } => {
+                    for (k, v) in keys.iter().zip(values.iter()) {
+                        if let Some(loc) = Location::unpack(*v) {
+                            f(base + u64::from(*k), loc);
+                        }
+                    }
+                }
+                Page::Dense { values, .. } => {
+                    for (i, v) in values.iter().enumerate() {
+                        if let Some(loc) = Location::unpack(*v) {
+                            f(base + i as u64, loc);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The map as (page number, in-page indices, packed locations) triples, for a
+    /// checkpoint.
+    pub fn export(&self) -> Vec<(u64, Vec<u8>, Vec<u128>)> {
+        self.pages
+            .iter()
+            .map(|(&no, page)| match page {
+                Page::Sparse { keys, values } => (no, keys.clone(), values.clone()),
+                Page::Dense { values, .. } => {
+                    let mut keys = Vec::new();
+                    let mut vals = Vec::new();
+                    for (i, v) in values.iter().enumerate() {
+                        if *v != 0 {
+                            keys.push(u8::try_from(i).unwrap_or(u8::MAX));
+                            vals.push(*v);
+                        }
+                    }
+                    (no, keys, vals)
+                }
+            })
+            .collect()
+    }
+
+    /// Rebuilds a map from [`BlockMap::export`]'s output; `None` if it is inconsistent
+    /// (lengths differ, an index repeats or a location does not unpack).
+    pub fn import(pages: &[(u64, Vec<u8>, Vec<u128>)]) -> Option<Self> {
+        let mut map = Self::new();
+        for (no, keys, values) in pages {
+            if keys.len() != values.len() {
+                return None;
+            }
+            let base = no.checked_mul(PAGE_BLOCKS)?;
+            let mut last: Option<u8> = None;
+            for (k, v) in keys.iter().zip(values.iter()) {
+                if last.is_some_and(|l| l >= *k) || Location::unpack(*v).is_none() {
+                    return None;
+                }
+                last = Some(*k);
+                map.put(base.checked_add(u64::from(*k))?, *v);
+            }
+        }
+        Some(map)
+    }
+
     /// Number of mapped blocks.
     pub fn mapped_blocks(&self) -> u64 {
         self.mapped
@@ -349,6 +416,17 @@ mod tests {
         assert_eq!(m.get(10), None);
         assert_eq!(m.get(259), None);
         assert_eq!(m.get(260), Some(loc(260, 261)));
+        let copy = BlockMap::import(&m.export()).expect("import");
+        let mut seen = Vec::new();
+        copy.for_each(|lba, l| seen.push((lba, l)));
+        let mut want = Vec::new();
+        m.for_each(|lba, l| want.push((lba, l)));
+        assert_eq!(seen, want);
+        assert_eq!(seen.len(), 50);
+        assert!(
+            BlockMap::import(&[(0, vec![1, 1], vec![loc(1, 1).pack().expect("fits"); 2])])
+                .is_none()
+        );
         m.clear(0, 1000);
         assert_eq!(m.mapped_blocks(), 0);
         assert_eq!(m.memory_bytes(), 0);

@@ -1,5 +1,11 @@
 //! Records: the unit the write path seals and the read path opens.
 //!
+//! Two kinds share one header: data records (the blocks of one write) and zero records
+//! (a durable "these blocks read as zeroes", written by deallocate and write zeroes so
+//! that log replay after a crash cannot resurrect data the host removed). A zero record
+//! has no payload but an AES-256-GCM tag when the volume is encrypted, so a node cannot
+//! forge one.
+//!
 //! A record is the blocks of one write (up to the profile's compression unit), stored as
 //! a 48-byte self-describing header followed by the payload. The header lets the tail of
 //! a segment be replayed with no other metadata; the crc lets a reader reject bytes a
@@ -23,13 +29,14 @@ pub const HEADER_LEN: usize = 48;
 /// Record magic, "DPUR".
 pub const MAGIC: [u8; 4] = *b"DPUR";
 /// The record format version this build writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Largest record: 256 blocks (1 MiB). Bounds what a header can make a reader allocate.
 pub const MAX_RECORD_BLOCKS: u16 = 256;
 
 const FLAG_ALG_MASK: u8 = 0b0000_0011;
 const FLAG_ENCRYPTED: u8 = 0b0000_0100;
-const FLAG_KNOWN: u8 = FLAG_ALG_MASK | FLAG_ENCRYPTED;
+const FLAG_ZEROES: u8 = 0b0000_1000;
+const FLAG_KNOWN: u8 = FLAG_ALG_MASK | FLAG_ENCRYPTED | FLAG_ZEROES;
 /// Bytes of the header covered by AAD and crc (everything before the crc field).
 const CRC_OFFSET: usize = 44;
 /// AAD: volume id then header bytes 0..44.
@@ -43,6 +50,11 @@ fn aad(volume: &VolumeId, header: &[u8]) -> [u8; AAD_LEN] {
     aad
 }
 
+/// The crc32c of a record: over the volume id, header bytes 0..44 and the payload.
+pub fn record_crc(volume: &VolumeId, header: &[u8], payload: &[u8]) -> u32 {
+    crc32c_append(crc32c_append(crc32c(&volume.0), header), payload)
+}
+
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {
@@ -50,8 +62,11 @@ pub struct RecordHeader {
     pub algorithm: Algorithm,
     /// Whether the payload is AES-256-GCM ciphertext plus tag.
     pub encrypted: bool,
-    /// Number of 4 KiB blocks in the record (1..=MAX_RECORD_BLOCKS).
+    /// Number of 4 KiB blocks of data in the record (1..=MAX_RECORD_BLOCKS; 0 for a
+    /// zero record).
     pub block_count: u16,
+    /// For a zero record, how many blocks from `first_lba` read as zeroes (else 0).
+    pub zero_blocks: u32,
     /// LBA of the first block.
     pub first_lba: u64,
     /// Generation of the write (the map's version of these LBAs).
@@ -60,7 +75,8 @@ pub struct RecordHeader {
     pub payload_len: u32,
     /// GCM nonce (zero when not encrypted).
     pub nonce: Nonce,
-    /// crc32c over header bytes 0..44 and the payload.
+    /// crc32c over the volume id, header bytes 0..44 and the payload (seeding with the
+    /// volume id makes another volume's stale record fail the crc during replay).
     pub crc: u32,
 }
 
@@ -83,6 +99,11 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 }
 
 impl RecordHeader {
+    /// Whether this is a zero record (a range that reads as zeroes, no data).
+    pub fn is_zeroes(&self) -> bool {
+        self.zero_blocks != 0
+    }
+
     /// Uncompressed size of the record's data.
     pub fn raw_len(&self) -> usize {
         usize::from(self.block_count) * BLOCK_SIZE
@@ -99,13 +120,15 @@ impl RecordHeader {
         let mut h = [0u8; HEADER_LEN];
         h[..4].copy_from_slice(&MAGIC);
         h[4] = FORMAT_VERSION;
-        h[5] = self.algorithm.code() | if self.encrypted { FLAG_ENCRYPTED } else { 0 };
+        h[5] = self.algorithm.code()
+            | if self.encrypted { FLAG_ENCRYPTED } else { 0 }
+            | if self.is_zeroes() { FLAG_ZEROES } else { 0 };
         h[6..8].copy_from_slice(&self.block_count.to_le_bytes());
         h[8..16].copy_from_slice(&self.first_lba.to_le_bytes());
         h[16..24].copy_from_slice(&self.generation.to_le_bytes());
         h[24..28].copy_from_slice(&self.payload_len.to_le_bytes());
         h[28..40].copy_from_slice(&self.nonce.to_bytes());
-        // 40..44 reserved, zero.
+        h[40..44].copy_from_slice(&self.zero_blocks.to_le_bytes());
         h[44..48].copy_from_slice(&self.crc.to_le_bytes());
         h
     }
@@ -138,22 +161,33 @@ impl RecordHeader {
         let algorithm = Algorithm::from_code(flags & FLAG_ALG_MASK)
             .ok_or(PipelineError::BadHeader("unknown compression algorithm"))?;
         let encrypted = flags & FLAG_ENCRYPTED != 0;
+        let zeroes = flags & FLAG_ZEROES != 0;
         let block_count = le_u16(bytes, 6);
-        if block_count == 0 || block_count > MAX_RECORD_BLOCKS {
-            return Err(PipelineError::BadHeader("block count out of range"));
-        }
+        let zero_blocks = le_u32(bytes, 40);
         let first_lba = le_u64(bytes, 8);
-        if first_lba.checked_add(u64::from(block_count)).is_none() {
-            return Err(PipelineError::BadHeader("LBA range overflows"));
+        if zeroes {
+            if block_count != 0 || zero_blocks == 0 || algorithm != Algorithm::None {
+                return Err(PipelineError::BadHeader("inconsistent zero record"));
+            }
+            if first_lba.checked_add(u64::from(zero_blocks)).is_none() {
+                return Err(PipelineError::BadHeader("LBA range overflows"));
+            }
+        } else {
+            if block_count == 0 || block_count > MAX_RECORD_BLOCKS {
+                return Err(PipelineError::BadHeader("block count out of range"));
+            }
+            if zero_blocks != 0 {
+                return Err(PipelineError::BadHeader("zero count set on a data record"));
+            }
+            if first_lba.checked_add(u64::from(block_count)).is_none() {
+                return Err(PipelineError::BadHeader("LBA range overflows"));
+            }
         }
         let generation = le_u64(bytes, 16);
         let payload_len = le_u32(bytes, 24);
         let mut nonce_bytes = [0u8; 12];
         nonce_bytes.copy_from_slice(&bytes[28..40]);
         let nonce = Nonce::from_bytes(nonce_bytes);
-        if le_u32(bytes, 40) != 0 {
-            return Err(PipelineError::BadHeader("reserved bytes not zero"));
-        }
         if !encrypted && nonce_bytes != [0u8; 12] {
             return Err(PipelineError::BadHeader(
                 "nonce set on an unencrypted record",
@@ -164,6 +198,7 @@ impl RecordHeader {
             algorithm,
             encrypted,
             block_count,
+            zero_blocks,
             first_lba,
             generation,
             payload_len,
@@ -176,6 +211,7 @@ impl RecordHeader {
             .ok_or(PipelineError::BadHeader("payload shorter than the GCM tag"))?;
         let raw = header.raw_len();
         let body_ok = match algorithm {
+            Algorithm::None if zeroes => body == 0,
             Algorithm::None => body == raw,
             // A compressed body is stored only if it saved 1/8; an empty one is impossible.
             Algorithm::Zstd | Algorithm::Lz4 => body > 0 && body <= worthwhile_limit(raw),
@@ -187,6 +223,67 @@ impl RecordHeader {
         }
         Ok(header)
     }
+}
+
+/// The nonce of the next record: a fresh one from the writer session when the volume
+/// is encrypted (none without a session: only a writer may seal), a zero placeholder
+/// otherwise (unencrypted records carry no nonce).
+fn draw_nonce(
+    encrypted: bool,
+    nonces: Option<&mut NonceAllocator>,
+) -> Result<Nonce, PipelineError> {
+    if encrypted {
+        Ok(nonces.ok_or(PipelineError::NotWriter)?.next_nonce()?)
+    } else {
+        Ok(Nonce {
+            epoch: 0,
+            counter: 0,
+        })
+    }
+}
+
+/// Appends one record to `out`: `header`, then `body` (sealed under `key` with the
+/// header as AAD when there is one, straight from `body` into `out`: one pass over the
+/// data instead of a copy followed by in-place encryption), then the crc over both in
+/// the header. On an error `out` is left as it was.
+fn append_record(
+    volume: &VolumeId,
+    key: Option<&AeadKey>,
+    header: RecordHeader,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Sealed, PipelineError> {
+    let payload_len = usize::try_from(header.payload_len)
+        .map_err(|_| PipelineError::BadHeader("payload length"))?;
+    let offset = out.len();
+    out.reserve(HEADER_LEN + payload_len);
+    out.extend_from_slice(&header.encode());
+    if let Some(key) = key {
+        let aad = aad(volume, &out[offset..offset + HEADER_LEN]);
+        out.resize(offset + HEADER_LEN + payload_len, 0);
+        if let Err(e) = key.seal_into(
+            header.nonce.to_bytes(),
+            &aad,
+            body,
+            &mut out[offset + HEADER_LEN..],
+        ) {
+            out.truncate(offset);
+            return Err(e);
+        }
+    } else {
+        out.extend_from_slice(body);
+    }
+    let crc = record_crc(
+        volume,
+        &out[offset..offset + CRC_OFFSET],
+        &out[offset + HEADER_LEN..],
+    );
+    out[offset + CRC_OFFSET..offset + HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    Ok(Sealed {
+        offset,
+        len: out.len() - offset,
+        header: RecordHeader { crc, ..header },
+    })
 }
 
 /// Where the map says a record belongs; opening checks the header against it.
@@ -276,58 +373,49 @@ impl RecordPipeline {
         let body_len = body.len();
 
         let encrypted = self.key.is_some();
-        let nonce = if encrypted {
-            self.nonces
-                .as_mut()
-                .ok_or(PipelineError::NotWriter)?
-                .next_nonce()?
-        } else {
-            Nonce {
-                epoch: 0,
-                counter: 0,
-            }
-        };
+        let nonce = draw_nonce(encrypted, self.nonces.as_mut())?;
         let payload_len = body_len + if encrypted { TAG_LEN } else { 0 };
         let header = RecordHeader {
             algorithm,
             encrypted,
             block_count,
+            zero_blocks: 0,
             first_lba,
             generation,
             payload_len: u32::try_from(payload_len).map_err(|_| bad_len())?,
             nonce,
             crc: 0,
         };
-        let offset = out.len();
-        out.reserve(HEADER_LEN + payload_len);
-        out.extend_from_slice(&header.encode());
-        if let Some(key) = &self.key {
-            let aad = aad(&self.volume, &out[offset..offset + HEADER_LEN]);
-            // Encrypt straight from the body into the strip: one pass over the data
-            // instead of a copy followed by in-place encryption.
-            out.resize(offset + HEADER_LEN + payload_len, 0);
-            if let Err(e) = key.seal_into(
-                nonce.to_bytes(),
-                &aad,
-                body,
-                &mut out[offset + HEADER_LEN..],
-            ) {
-                out.truncate(offset);
-                return Err(e);
-            }
-        } else {
-            out.extend_from_slice(body);
+        append_record(&self.volume, self.key.as_ref(), header, body, out)
+    }
+
+    /// Seals a zero record: blocks `first_lba..first_lba + blocks` read as zeroes from
+    /// `generation` on. Appends it to `out` like [`RecordPipeline::seal`].
+    pub fn seal_zeroes(
+        &mut self,
+        first_lba: u64,
+        generation: u64,
+        blocks: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<Sealed, PipelineError> {
+        if blocks == 0 || first_lba.checked_add(u64::from(blocks)).is_none() {
+            return Err(PipelineError::BadHeader("bad zero range"));
         }
-        let crc = crc32c_append(
-            crc32c(&out[offset..offset + CRC_OFFSET]),
-            &out[offset + HEADER_LEN..],
-        );
-        out[offset + CRC_OFFSET..offset + HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
-        Ok(Sealed {
-            offset,
-            len: out.len() - offset,
-            header: RecordHeader { crc, ..header },
-        })
+        let encrypted = self.key.is_some();
+        let nonce = draw_nonce(encrypted, self.nonces.as_mut())?;
+        let payload_len = if encrypted { TAG_LEN } else { 0 };
+        let header = RecordHeader {
+            algorithm: Algorithm::None,
+            encrypted,
+            block_count: 0,
+            zero_blocks: blocks,
+            first_lba,
+            generation,
+            payload_len: u32::try_from(payload_len).unwrap_or(0),
+            nonce,
+            crc: 0,
+        };
+        append_record(&self.volume, self.key.as_ref(), header, &[], out)
     }
 
     /// Verifies and opens one stored record (exactly its bytes), writing its blocks to
@@ -354,7 +442,7 @@ impl RecordPipeline {
             ));
         }
         let payload = &stored[HEADER_LEN..];
-        let computed = crc32c_append(crc32c(&stored[..CRC_OFFSET]), payload);
+        let computed = record_crc(&self.volume, &stored[..CRC_OFFSET], payload);
         if computed != header.crc {
             return Err(PipelineError::CrcMismatch {
                 stored: header.crc,

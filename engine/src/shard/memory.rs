@@ -102,6 +102,20 @@ impl MemoryShard {
         true
     }
 
+    /// Every byte a reader of the namespace would see now (durable media with cached
+    /// writes on top): what an attacker with the node's disk could scan.
+    pub fn media_snapshot(&self) -> Vec<u8> {
+        let state = self.lock();
+        let mut out = state.media.clone();
+        for (start, bytes) in &state.cache {
+            if let Some(at) = usize::try_from(*start).ok().filter(|a| *a < out.len()) {
+                let end = (at + bytes.len()).min(out.len());
+                out[at..end].copy_from_slice(&bytes[..end - at]);
+            }
+        }
+        out
+    }
+
     /// Makes reads of the block holding `offset` fail with a media error.
     pub fn add_bad_block(&self, offset: u64) {
         let block = u64::from(self.info.block_size);

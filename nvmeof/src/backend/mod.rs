@@ -78,6 +78,39 @@ pub enum BackendError {
     /// The backend's worker (io_uring thread or blocking pool) has gone away.
     #[error("backend worker stopped")]
     WorkerGone,
+    /// The data could not be read, or failed verification and could not be
+    /// reconstructed (never returned unverified), or could not be written.
+    #[error("media error: {0}")]
+    Media(String),
+    /// No space is left to store the data.
+    #[error("no space left: {0}")]
+    NoSpace(String),
+    /// The namespace refuses writes.
+    #[error("the namespace is read-only")]
+    ReadOnly,
+    /// The storage cannot serve the request now (it may later: too many storage
+    /// nodes unreachable, shutting down).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Performance hints a backend may give for Identify Namespace (NOIOB, NPWG, NPWA,
+/// NPDG, NPDA, NOWS), in logical blocks and not 0's based; 0 means "no hint". The
+/// target converts them to the specification's encodings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoHints {
+    /// I/O crossing a multiple of this many blocks is slower (NOIOB).
+    pub optimal_io_boundary: u32,
+    /// Writes in multiples of this many blocks perform best (NPWG).
+    pub preferred_write_granularity: u32,
+    /// Writes starting at multiples of this many blocks perform best (NPWA).
+    pub preferred_write_alignment: u32,
+    /// Deallocation in multiples of this many blocks performs best (NPDG).
+    pub preferred_deallocate_granularity: u32,
+    /// Deallocation starting at multiples of this many blocks performs best (NPDA).
+    pub preferred_deallocate_alignment: u32,
+    /// Writes of this many blocks perform best (NOWS).
+    pub optimal_write_size: u32,
 }
 
 /// How a backend performs its I/O; reported at open so an operator can see whether the
@@ -98,6 +131,8 @@ pub enum IoPath {
         /// Why the io_uring path is not in use.
         reason: String,
     },
+    /// Another component does the I/O (such as a volume engine); the text says which.
+    Other(String),
 }
 
 impl fmt::Display for IoPath {
@@ -115,6 +150,7 @@ impl fmt::Display for IoPath {
                     }
                 )
             }
+            IoPath::Other(what) => f.write_str(what),
             IoPath::Blocking { direct, reason } => write!(
                 f,
                 "blocking pread/pwrite{} ({reason})",
@@ -156,6 +192,26 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn write_zeroes(&self, offset: u64, len: u64) -> BackendFuture<'_, ()>;
     /// Tell the backend a range is no longer in use (may free space; advisory).
     fn deallocate(&self, offset: u64, len: u64) -> BackendFuture<'_, ()>;
+    /// Write `data` at `offset`, durable when this completes (Force Unit Access). The
+    /// default writes and then flushes when there is a volatile cache; a backend that
+    /// can make one write durable more cheaply overrides it.
+    fn write_fua(&self, offset: u64, data: Bytes) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            self.write(offset, data).await?;
+            if self.volatile_write_cache() {
+                self.flush().await?;
+            }
+            Ok(())
+        })
+    }
+    /// Whether writes are refused (reported as write protected in Identify Namespace).
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// Performance hints for Identify Namespace (none by default).
+    fn io_hints(&self) -> IoHints {
+        IoHints::default()
+    }
 }
 
 /// Check that `offset..offset+len` is block-aligned and inside `size`.

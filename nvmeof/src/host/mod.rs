@@ -85,6 +85,11 @@ pub struct HostConfig {
     pub connect_timeout: Duration,
     /// Per-command timeout; on expiry the association is reset.
     pub command_timeout: Duration,
+    /// How long a new command waits for an association that is being re-established
+    /// before it fails with [`ErrorKind::Path`]; `None` waits up to `command_timeout`.
+    /// A caller that can serve the request elsewhere (the volume engine reconstructs
+    /// from other nodes) sets a short wait, so a dead node costs no latency.
+    pub reconnect_wait: Option<Duration>,
     /// Largest transfer this host issues in one command (also capped by MDTS).
     pub max_transfer: u32,
     /// Reconnect behaviour.
@@ -108,6 +113,7 @@ impl HostConfig {
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(30),
+            reconnect_wait: None,
             max_transfer: 1 << 20,
             reconnect: ReconnectPolicy::default(),
         }
@@ -233,7 +239,12 @@ impl Controller {
     }
 
     async fn session(&self) -> Result<Arc<Session>, HostError> {
-        let deadline = tokio::time::Instant::now() + self.inner.config.command_timeout;
+        let wait = self
+            .inner
+            .config
+            .reconnect_wait
+            .unwrap_or(self.inner.config.command_timeout);
+        let deadline = tokio::time::Instant::now() + wait;
         let mut rx = self.inner.state.clone();
         loop {
             let state = rx.borrow_and_update().clone();
@@ -309,6 +320,28 @@ impl Controller {
         checked(
             queue::submit(&s.admin, cmd.to_sqe(0), data_out, read_len, "admin").await?,
             "admin",
+        )
+    }
+
+    /// Sends an I/O command exactly as given, without the range and size checks the
+    /// typed methods make (for tests of a controller's own checks); `data_out` is the
+    /// host-to-controller data, `read_len` the bytes read back.
+    pub async fn io_raw(
+        &self,
+        queue: usize,
+        cmd: IoCommand,
+        data_out: Bytes,
+        read_len: u32,
+    ) -> Result<Response, HostError> {
+        if read_len > self.max_transfer().await? {
+            return Err(HostError::InvalidRequest(format!(
+                "read of {read_len} bytes exceeds the transfer limit"
+            )));
+        }
+        let s = self.session().await?;
+        checked(
+            queue::submit(io_queue(&s, queue), cmd.to_sqe(0), data_out, read_len, "io").await?,
+            "io",
         )
     }
 

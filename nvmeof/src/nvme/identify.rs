@@ -139,6 +139,10 @@ impl IdentifyController {
     pub const CNTRLTYPE_IO: u8 = 1;
     /// CNTRLTYPE of a discovery controller.
     pub const CNTRLTYPE_DISCOVERY: u8 = 2;
+    /// CTRATT bit: 128-bit host identifiers supported.
+    pub const CTRATT_HID_128_BIT: u32 = 1 << 0;
+    /// CTRATT bit: traffic-based keep alive (any command restarts the keep-alive timer).
+    pub const CTRATT_TBKAS: u32 = 1 << 6;
     /// ONCS bit: Dataset Management supported.
     pub const ONCS_DSM: u16 = 1 << 2;
     /// ONCS bit: Write Zeroes supported.

@@ -294,6 +294,9 @@ pub(crate) fn identify_controller(shared: &Shared, ctrl: &Controller) -> Identif
         elpe: u8::try_from(ERROR_LOG_ENTRIES - 1).unwrap_or(0),
         // Keep-alive granularity 100 ms.
         kas: 1,
+        // 128-bit host identifiers (the only kind fabrics carry) and traffic-based
+        // keep alive (any command restarts the timer; see `Controller::note_traffic`).
+        ctratt: IdentifyController::CTRATT_HID_128_BIT | IdentifyController::CTRATT_TBKAS,
         sqes: 0x66,
         cqes: 0x44,
         maxcmd: l.queue_depth,
@@ -326,7 +329,25 @@ pub(crate) fn identify_namespace(ns: &Namespace) -> IdentifyNamespace {
         rp: 0,
     };
     let zeroes = ns.backend.deallocate_reads_zeroes();
+    let h = ns.backend.io_hints();
+    // NPWG, NPWA, NPDG, NPDA and NOWS are 0's based and valid only with NSFEAT bit 4
+    // (OPTPERF); NOIOB is a plain count where 0 means "not reported".
+    let zb = |blocks: u32| u16::try_from(blocks.saturating_sub(1)).unwrap_or(u16::MAX);
+    let optperf = h.preferred_write_granularity != 0
+        || h.preferred_write_alignment != 0
+        || h.preferred_deallocate_granularity != 0
+        || h.preferred_deallocate_alignment != 0
+        || h.optimal_write_size != 0;
     IdentifyNamespace {
+        nsfeat: if optperf { 1 << 4 } else { 0 },
+        noiob: u16::try_from(h.optimal_io_boundary).unwrap_or(0),
+        npwg: zb(h.preferred_write_granularity),
+        npwa: zb(h.preferred_write_alignment),
+        npdg: zb(h.preferred_deallocate_granularity),
+        npda: zb(h.preferred_deallocate_alignment),
+        nows: zb(h.optimal_write_size),
+        // Bit 0: the namespace is write protected.
+        nsattr: u8::from(ns.backend.read_only()),
         nsze: ns.blocks,
         ncap: ns.blocks,
         nuse: ns.blocks,
@@ -372,8 +393,11 @@ fn discovery_log(shared: &Shared, ctrl: &Controller, local: SocketAddr) -> Vec<u
     };
     let mut subs: Vec<_> = shared
         .subsystems
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .values()
         .filter(|s| s.host_allowed(&ctrl.hostnqn))
+        .cloned()
         .collect();
     subs.sort_by(|a, b| a.nqn.cmp(&b.nqn));
     let entries: Vec<DiscoveryLogEntry> = subs
@@ -400,7 +424,7 @@ fn discovery_log(shared: &Shared, ctrl: &Controller, local: SocketAddr) -> Vec<u
         })
         .collect();
     let header = DiscoveryLogHeader {
-        genctr: 1,
+        genctr: shared.discovery_genctr.load(Ordering::Acquire),
         numrec: u64::try_from(entries.len()).unwrap_or(0),
         recfmt: 0,
     };

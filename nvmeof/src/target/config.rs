@@ -18,6 +18,10 @@ pub struct TargetConfig {
     pub subsystems: Vec<SubsystemConfig>,
     /// Transport and queue limits.
     pub limits: Limits,
+    /// Runtimes to spread connections (queues) over, round-robin; each connection
+    /// and its command tasks stay on one. Empty (the default): the runtime that
+    /// called [`super::Target::start`].
+    pub runtimes: Vec<tokio::runtime::Handle>,
 }
 
 impl TargetConfig {
@@ -27,6 +31,7 @@ impl TargetConfig {
             listen,
             subsystems: Vec::new(),
             limits: Limits::default(),
+            runtimes: Vec::new(),
         }
     }
 

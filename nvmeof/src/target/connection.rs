@@ -625,6 +625,7 @@ impl Conn {
         };
         let ctrl = Arc::clone(&b.ctrl);
         let qid = b.qid;
+        ctrl.note_traffic();
         if !ctrl.is_ready() {
             self.complete(
                 sqe.cid,
@@ -801,8 +802,8 @@ impl Conn {
         let subsys: Arc<Subsystem> = if cd.subnqn == crate::nvme::DISCOVERY_NQN {
             Arc::clone(&self.shared.discovery)
         } else {
-            match self.shared.subsystems.get(&cd.subnqn) {
-                Some(s) => Arc::clone(s),
+            match self.shared.subsystem(&cd.subnqn) {
+                Some(s) => s,
                 None => {
                     tracing::info!(subnqn = %cd.subnqn, "connect to unknown subsystem");
                     return invalid(true, u32::from(ConnectData::SUBNQN_OFFSET));

@@ -22,12 +22,25 @@ fn backend_status(e: &BackendError, write: bool) -> Status {
         BackendError::Unaligned { .. } | BackendError::TooLarge { .. } => {
             Status::new(StatusCode::INVALID_FIELD).dnr()
         }
-        BackendError::Io { .. } if write => Status::new(StatusCode::WRITE_FAULT),
-        BackendError::Io { .. } => Status::new(StatusCode::UNRECOVERED_READ_ERROR),
+        BackendError::Io { .. } | BackendError::Media(_) if write => {
+            Status::new(StatusCode::WRITE_FAULT)
+        }
+        BackendError::Io { .. } | BackendError::Media(_) => {
+            Status::new(StatusCode::UNRECOVERED_READ_ERROR)
+        }
+        BackendError::NoSpace(_) => Status::new(StatusCode::CAPACITY_EXCEEDED).dnr(),
+        BackendError::ReadOnly => Status::new(StatusCode::NAMESPACE_WRITE_PROTECTED).dnr(),
+        // Retryable: the host tries again (Linux up to nvme_core.max_retries times).
+        BackendError::Unavailable(_) => Status::new(StatusCode::NAMESPACE_NOT_READY),
         BackendError::Config(_) | BackendError::WorkerGone => {
             Status::new(StatusCode::INTERNAL_ERROR)
         }
     }
+}
+
+/// Whether an error counts as a media error in the SMART log.
+fn is_media(e: &BackendError) -> bool {
+    matches!(e, BackendError::Io { .. } | BackendError::Media(_))
 }
 
 /// Check an LBA range against the namespace and turn it into bytes.
@@ -85,7 +98,9 @@ pub(crate) async fn execute(
                 }
                 Err(e) => {
                     tracing::warn!("read nsid {} lba {slba}: {e}", ns.nsid);
-                    ctrl.stats.media_errors.fetch_add(1, Ordering::Relaxed);
+                    if is_media(&e) {
+                        ctrl.stats.media_errors.fetch_add(1, Ordering::Relaxed);
+                    }
                     Reply::status(backend_status(&e, false))
                 }
             }
@@ -106,15 +121,17 @@ pub(crate) async fn execute(
                 return st(StatusCode::DATA_SGL_LENGTH_INVALID);
             }
             let payload = data.slice(..ulen);
-            if let Err(e) = be.write(off, payload).await {
+            let res = if be.volatile_write_cache() && (fua || !ctrl.write_cache_enabled()) {
+                be.write_fua(off, payload).await
+            } else {
+                be.write(off, payload).await
+            };
+            if let Err(e) = res {
                 tracing::warn!("write nsid {} lba {slba}: {e}", ns.nsid);
-                ctrl.stats.media_errors.fetch_add(1, Ordering::Relaxed);
-                return Reply::status(backend_status(&e, true));
-            }
-            if be.volatile_write_cache() && (fua || !ctrl.write_cache_enabled()) {
-                if let Err(e) = be.flush().await {
-                    return Reply::status(backend_status(&e, true));
+                if is_media(&e) {
+                    ctrl.stats.media_errors.fetch_add(1, Ordering::Relaxed);
                 }
+                return Reply::status(backend_status(&e, true));
             }
             ctrl.stats.write_cmds.fetch_add(1, Ordering::Relaxed);
             ctrl.stats.bytes_written.fetch_add(len, Ordering::Relaxed);

@@ -22,7 +22,8 @@ use bytes::Bytes;
 use state::{fnv128, Namespace, Subsystem, SubsystemKind};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -80,8 +81,15 @@ impl Reply {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub limits: Limits,
-    pub subsystems: HashMap<String, Arc<Subsystem>>,
+    /// Read on Connect and for the discovery log only (never on the I/O path);
+    /// written by [`Target::add_subsystem`] and [`Target::remove_subsystem`].
+    pub subsystems: RwLock<HashMap<String, Arc<Subsystem>>>,
     pub discovery: Arc<Subsystem>,
+    /// Runtimes new connections are spread over (empty: the accepting runtime).
+    pub runtimes: Vec<tokio::runtime::Handle>,
+    pub next_runtime: AtomicUsize,
+    /// Discovery log generation counter: changes whenever the subsystem set does.
+    pub discovery_genctr: AtomicU64,
     pub local_addr: SocketAddr,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -99,76 +107,79 @@ fn valid_nqn(nqn: &str) -> bool {
     !nqn.is_empty() && nqn.len() <= NQN_MAX_LEN && nqn.is_ascii()
 }
 
-fn build_subsystems(cfg: &TargetConfig) -> Result<HashMap<String, Arc<Subsystem>>, TargetError> {
-    let mut out = HashMap::new();
-    for s in &cfg.subsystems {
-        if !valid_nqn(&s.nqn) || s.nqn == DISCOVERY_NQN {
+fn build_subsystem(s: &SubsystemConfig) -> Result<Subsystem, TargetError> {
+    if !valid_nqn(&s.nqn) || s.nqn == DISCOVERY_NQN {
+        return Err(TargetError::Config(format!(
+            "invalid subsystem NQN {:?}",
+            s.nqn
+        )));
+    }
+    for h in &s.allowed_hosts {
+        if !valid_nqn(h) {
+            return Err(TargetError::Config(format!("invalid host NQN {h:?}")));
+        }
+    }
+    let mut namespaces: Vec<Namespace> = Vec::new();
+    let mut next = 1u32;
+    for n in &s.namespaces {
+        let nsid = n.nsid.unwrap_or(next);
+        if nsid == 0 || nsid >= 0xFFFF_FFF0 || namespaces.iter().any(|x| x.nsid == nsid) {
             return Err(TargetError::Config(format!(
-                "invalid subsystem NQN {:?}",
+                "{}: bad or duplicate NSID {nsid}",
                 s.nqn
             )));
         }
+        next = nsid.saturating_add(1);
+        let bs = n.backend.block_size();
+        if !bs.is_power_of_two() || bs < 512 {
+            return Err(TargetError::Config(format!(
+                "{}: nsid {nsid}: block size {bs}",
+                s.nqn
+            )));
+        }
+        let nsid_b = nsid.to_le_bytes();
+        let seed = n.id_seed.as_bytes();
+        let nguid = n
+            .nguid
+            .unwrap_or_else(|| fnv128(&[b"nguid", s.nqn.as_bytes(), &nsid_b, seed]));
+        let uuid = n.uuid.unwrap_or_else(|| {
+            let mut u = fnv128(&[b"uuid", s.nqn.as_bytes(), &nsid_b, seed]);
+            // RFC 9562 version 8 (custom), variant 10b.
+            u[6] = (u[6] & 0x0F) | 0x80;
+            u[8] = (u[8] & 0x3F) | 0x80;
+            u
+        });
+        namespaces.push(Namespace {
+            nsid,
+            blocks: n.backend.size() / u64::from(bs),
+            block_size: bs,
+            backend: Arc::clone(&n.backend),
+            nguid,
+            uuid,
+        });
+    }
+    namespaces.sort_by_key(|n| n.nsid);
+    Ok(Subsystem::new(
+        SubsystemKind::Nvm,
+        s.nqn.clone(),
+        s.serial.clone(),
+        s.model.clone(),
+        namespaces,
+        s.allowed_hosts.iter().cloned().collect::<HashSet<_>>(),
+        s.allow_any_host,
+    ))
+}
+
+fn build_subsystems(cfg: &TargetConfig) -> Result<HashMap<String, Arc<Subsystem>>, TargetError> {
+    let mut out = HashMap::new();
+    for s in &cfg.subsystems {
         if out.contains_key(&s.nqn) {
             return Err(TargetError::Config(format!(
                 "subsystem {} configured twice",
                 s.nqn
             )));
         }
-        for h in &s.allowed_hosts {
-            if !valid_nqn(h) {
-                return Err(TargetError::Config(format!("invalid host NQN {h:?}")));
-            }
-        }
-        let mut namespaces: Vec<Namespace> = Vec::new();
-        let mut next = 1u32;
-        for n in &s.namespaces {
-            let nsid = n.nsid.unwrap_or(next);
-            if nsid == 0 || nsid >= 0xFFFF_FFF0 || namespaces.iter().any(|x| x.nsid == nsid) {
-                return Err(TargetError::Config(format!(
-                    "{}: bad or duplicate NSID {nsid}",
-                    s.nqn
-                )));
-            }
-            next = nsid.saturating_add(1);
-            let bs = n.backend.block_size();
-            if !bs.is_power_of_two() || bs < 512 {
-                return Err(TargetError::Config(format!(
-                    "{}: nsid {nsid}: block size {bs}",
-                    s.nqn
-                )));
-            }
-            let nsid_b = nsid.to_le_bytes();
-            let seed = n.id_seed.as_bytes();
-            let nguid = n
-                .nguid
-                .unwrap_or_else(|| fnv128(&[b"nguid", s.nqn.as_bytes(), &nsid_b, seed]));
-            let uuid = n.uuid.unwrap_or_else(|| {
-                let mut u = fnv128(&[b"uuid", s.nqn.as_bytes(), &nsid_b, seed]);
-                // RFC 9562 version 8 (custom), variant 10b.
-                u[6] = (u[6] & 0x0F) | 0x80;
-                u[8] = (u[8] & 0x3F) | 0x80;
-                u
-            });
-            namespaces.push(Namespace {
-                nsid,
-                blocks: n.backend.size() / u64::from(bs),
-                block_size: bs,
-                backend: Arc::clone(&n.backend),
-                nguid,
-                uuid,
-            });
-        }
-        namespaces.sort_by_key(|n| n.nsid);
-        let sub = Subsystem::new(
-            SubsystemKind::Nvm,
-            s.nqn.clone(),
-            s.serial.clone(),
-            s.model.clone(),
-            namespaces,
-            s.allowed_hosts.iter().cloned().collect::<HashSet<_>>(),
-            s.allow_any_host,
-        );
-        out.insert(s.nqn.clone(), Arc::new(sub));
+        out.insert(s.nqn.clone(), Arc::new(build_subsystem(s)?));
     }
     Ok(out)
 }
@@ -201,8 +212,11 @@ impl Target {
         ));
         let shared = Arc::new(Shared {
             limits: config.limits.clone(),
-            subsystems,
+            subsystems: RwLock::new(subsystems),
             discovery,
+            runtimes: config.runtimes.clone(),
+            next_runtime: AtomicUsize::new(0),
+            discovery_genctr: AtomicU64::new(1),
             local_addr,
             shutdown: rx,
         });
@@ -256,11 +270,64 @@ impl Target {
     /// Number of live controllers in a subsystem (for tests and status).
     pub fn controller_count(&self, subnqn: &str) -> usize {
         let s = if subnqn == DISCOVERY_NQN {
-            Some(&self.shared.discovery)
+            Some(Arc::clone(&self.shared.discovery))
         } else {
-            self.shared.subsystems.get(subnqn)
+            self.shared.subsystem(subnqn)
         };
         s.map_or(0, |s| state::lock(&s.controllers).len())
+    }
+
+    /// Start serving another subsystem while the target runs. Refused if its NQN is
+    /// already served or the configuration is invalid.
+    pub fn add_subsystem(&self, config: &SubsystemConfig) -> Result<(), TargetError> {
+        let sub = Arc::new(build_subsystem(config)?);
+        let mut map = self
+            .shared
+            .subsystems
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.contains_key(&config.nqn) {
+            return Err(TargetError::Config(format!(
+                "subsystem {} is already served",
+                config.nqn
+            )));
+        }
+        map.insert(config.nqn.clone(), sub);
+        self.shared.discovery_genctr.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Stop serving a subsystem: new Connects to it fail as for an unknown NQN, and
+    /// every controller of it is torn down (its connections close after answering
+    /// what they have in flight). Returns false if it was not served.
+    pub fn remove_subsystem(&self, nqn: &str) -> bool {
+        let removed = self
+            .shared
+            .subsystems
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(nqn);
+        let Some(sub) = removed else { return false };
+        self.shared.discovery_genctr.fetch_add(1, Ordering::AcqRel);
+        let ctrls: Vec<_> = state::lock(&sub.controllers).values().cloned().collect();
+        for c in ctrls {
+            c.teardown(state::TeardownReason::SubsystemRemoved);
+        }
+        true
+    }
+
+    /// The NQNs of the NVM subsystems served now, sorted.
+    pub fn subsystem_nqns(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .shared
+            .subsystems
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
     }
 
     /// Stop accepting, close every connection (held AERs complete as aborted) and
@@ -286,6 +353,51 @@ impl Drop for Target {
     }
 }
 
+impl Shared {
+    /// The NVM subsystem named `nqn`, if served.
+    pub(crate) fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        self.subsystems
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(nqn)
+            .cloned()
+    }
+}
+
+/// Serve an accepted connection on the next configured runtime (round-robin): the
+/// socket is moved there and registered with that runtime's I/O driver, so the
+/// connection's reads, writes and command tasks all stay on one thread.
+fn spawn_on_runtime(
+    shared: &Arc<Shared>,
+    conns: &mut JoinSet<()>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let i = shared.next_runtime.fetch_add(1, Ordering::Relaxed) % shared.runtimes.len();
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, "cannot set up connection: {e}");
+            return;
+        }
+    };
+    let shared2 = Arc::clone(shared);
+    conns.spawn_on(
+        async move {
+            let split = tokio::net::TcpStream::from_std(std_stream).and_then(crate::tcp::split);
+            match split {
+                Ok((r, w)) => {
+                    tracing::debug!(%peer, runtime = i, "connection accepted");
+                    connection::serve(shared2, r, w, local).await;
+                }
+                Err(e) => tracing::warn!(%peer, "cannot set up connection: {e}"),
+            }
+        },
+        &shared.runtimes[i],
+    );
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let mut conns = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
@@ -294,6 +406,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let local = stream.local_addr().unwrap_or(shared.local_addr);
+                    if !shared.runtimes.is_empty() {
+                        spawn_on_runtime(&shared, &mut conns, stream, peer, local);
+                        continue;
+                    }
                     match crate::tcp::split(stream) {
                         Ok((r, w)) => {
                             tracing::debug!(%peer, "connection accepted");

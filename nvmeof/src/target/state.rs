@@ -154,6 +154,7 @@ impl Subsystem {
             kato_ms: AtomicU32::new(kato_ms),
             kato_changed: Notify::new(),
             last_keep_alive: Mutex::new(Instant::now()),
+            traffic_seen: AtomicBool::new(false),
             max_io_queues,
             granted_io_queues: AtomicU16::new(max_io_queues),
             io_qids: Mutex::new(HashSet::new()),
@@ -182,6 +183,8 @@ pub(crate) enum TeardownReason {
     AdminGone,
     /// No Keep Alive within KATO.
     KeepAliveExpired,
+    /// The subsystem stopped being served.
+    SubsystemRemoved,
 }
 
 /// I/O counters for the SMART log.
@@ -209,6 +212,9 @@ pub(crate) struct Controller {
     kato_ms: AtomicU32,
     kato_changed: Notify,
     last_keep_alive: Mutex<Instant>,
+    /// A command arrived since the keep-alive watchdog last looked (traffic-based keep
+    /// alive: any command proves the host is alive, as a Keep Alive does).
+    traffic_seen: AtomicBool,
     pub max_io_queues: u16,
     granted_io_queues: AtomicU16,
     io_qids: Mutex<HashSet<u16>>,
@@ -287,6 +293,14 @@ impl Controller {
 
     pub fn keep_alive(&self) {
         *lock(&self.last_keep_alive) = Instant::now();
+    }
+
+    /// Notes that a command arrived on one of the controller's queues. One relaxed
+    /// store per command: the watchdog turns it into a keep-alive when it next wakes,
+    /// so a host busy with I/O whose Keep Alive command is late (a loaded host, a long
+    /// queue ahead of it) is not torn down. Identify Controller says so (CTRATT.TBKAS).
+    pub fn note_traffic(&self) {
+        self.traffic_seen.store(true, Ordering::Relaxed);
     }
 
     pub fn granted_io_queues(&self) -> u16 {
@@ -388,7 +402,9 @@ impl Controller {
     }
 
     /// Run the keep-alive timer until the controller goes away; tear it down if KATO
-    /// passes without a Keep Alive.
+    /// passes without a Keep Alive or any other command (traffic-based keep alive: a
+    /// command seen in the last period restarts the timer when the period ends, so
+    /// the host is given between one and two KATO periods, as the kernel target does).
     pub async fn keep_alive_watchdog(self: Arc<Self>) {
         let mut gone = self.subscribe_teardown();
         loop {
@@ -406,6 +422,10 @@ impl Controller {
             let deadline = *lock(&self.last_keep_alive) + Duration::from_millis(u64::from(kato));
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline.into()) => {
+                    if self.traffic_seen.swap(false, Ordering::Relaxed) {
+                        self.keep_alive();
+                        continue;
+                    }
                     let last = *lock(&self.last_keep_alive);
                     let kato = Duration::from_millis(u64::from(self.kato_ms()));
                     if !kato.is_zero() && last.elapsed() >= kato {

@@ -1,0 +1,212 @@
+//! dpud's vhost-user-blk front-end against QEMU's vhost-user-blk-pci and the Linux
+//! kernel's virtio_blk in a QEMU guest (TCG, the stock Debian cloud kernel, guest RAM
+//! on a shared memfd): a testbed of 8 storage nodes and the real dpud, an ec:4+2 volume
+//! with zstd and AES-256-GCM exported as a vhost-user-blk socket and over NBD to this
+//! process. The guest sees /dev/vda with the volume's size and two queues, fio verifies
+//! crc32c with one job per queue, blkdiscard leaves zeroes, and a second boot of the
+//! guest reconnects to the same socket and reads the same bytes. Bytes written through
+//! one front-end read back identically through the other.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testbed::guest::{self, GuestConfig, GuestEnv};
+
+const MIB: u64 = 1 << 20;
+/// Where this process writes through NBD before the guest boots.
+const NBD_REGION: u64 = 40 * MIB;
+/// What fio writes and verifies (two jobs, one per queue, 6 MiB each).
+const FIO_MIB: u64 = 12;
+/// The range the guest discards.
+const DISCARD_MIB: u64 = 30;
+/// The region both boots hash.
+const REGION_MIB: u64 = 48;
+
+/// One binary of a workspace package: the sibling of this test executable when it is
+/// newer than the sources, else built here (as testbed/tests/e2e_dpud.rs does).
+mod guest_e2e;
+mod workspace_bins;
+use guest_e2e::*;
+
+fn guest_config(name: &str, script: String, socket: &Path) -> GuestConfig {
+    let mut cfg = GuestConfig::new(name, script).timeout(Duration::from_secs(360));
+    cfg.qemu_args = [
+        "-object".to_string(),
+        format!(
+            "memory-backend-memfd,id=mem0,size={}M,share=on",
+            cfg.memory_mib
+        ),
+        "-machine".to_string(),
+        "memory-backend=mem0".to_string(),
+        "-chardev".to_string(),
+        format!("socket,id=vub,path={}", socket.display()),
+        "-device".to_string(),
+        "vhost-user-blk-pci,chardev=vub,num-queues=2".to_string(),
+    ]
+    .to_vec();
+    cfg
+}
+
+#[test]
+#[ignore = "needs QEMU, the guest kernel and fio; a few minutes; run by scripts/test"]
+fn qemu_guest_over_dpud_vhost_user_blk_export() {
+    let t0 = Instant::now();
+    let bed = Bed {
+        dir: tempfile::Builder::new()
+            .prefix("e2e-vub")
+            .tempdir()
+            .unwrap(),
+        dpud: build_bin("engine", "dpud"),
+        dpuctl: build_bin("cli", "dpuctl"),
+        target: build_bin("nvmeof", "nvmeof-target"),
+    };
+    bed.testbed(&[
+        "up",
+        "--nodes",
+        "8",
+        "--domains",
+        "4",
+        "--node-size",
+        "256MiB",
+    ]);
+    bed.dpuctl(&[
+        "volume",
+        "create",
+        "vv",
+        "--profile",
+        "tb-ec42-zstd-aes",
+        "--size",
+        "64MiB",
+    ]);
+    let e: Value = serde_json::from_str(&bed.dpuctl(&[
+        "-o",
+        "json",
+        "export",
+        "add",
+        "vv",
+        "--type",
+        "vhost-user-blk",
+    ]))
+    .unwrap();
+    assert_eq!(e["served"], true, "{e}");
+    let socket = bed.workdir().join("daemon/vhost/vv.sock");
+    assert_eq!(e["detail"].as_str(), Some(socket.to_str().unwrap()), "{e}");
+    bed.dpuctl(&["export", "add", "vv", "--type", "nbd", "--name", "vv-nbd"]);
+
+    // NBD -> vhost-user-blk: a pattern written here, hashed by the guest.
+    let uri = bed.nbd_uri("vv-nbd");
+    bed.qemu(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P 0xa5 {NBD_REGION} 1M"),
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    let expect = vec![0xa5u8; 1 << 20];
+    eprintln!("[{:?}] testbed up, volume exported", t0.elapsed());
+
+    let script = format!(
+        r#"
+modprobe virtio_blk 2>/dev/null
+wait_for_path /dev/vda 100 || fail "no /dev/vda"
+must sectors cat /sys/block/vda/size
+must lbs cat /sys/block/vda/queue/logical_block_size
+must queues sh -c "ls /sys/block/vda/mq | wc -l"
+must wcache cat /sys/block/vda/queue/write_cache
+must discard cat /sys/block/vda/queue/discard_max_bytes
+must serial cat /sys/block/vda/serial
+must nbd_region sh -c "dd if=/dev/vda bs=1M skip={nbd_mib} count=1 2>/dev/null | sha256sum"
+must fio fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio \
+    --iodepth=16 --rw=randwrite --bssplit=4k/30:8k/20:32k/20:64k/15:128k/15 \
+    --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
+    --size={job_mib}M --offset_increment={job_mib}M --verify=crc32c --verify_fatal=1 \
+    --group_reporting --output-format=json
+must discard_range blkdiscard -o {discard_off} -l 1048576 /dev/vda
+must discarded sh -c "dd if=/dev/vda bs=1M skip={discard_mib} count=1 2>/dev/null | sha256sum"
+must region sh -c "dd if=/dev/vda bs=1M count={region_mib} 2>/dev/null | sha256sum"
+"#,
+        nbd_mib = NBD_REGION / MIB,
+        job_mib = FIO_MIB / 2,
+        discard_off = DISCARD_MIB * MIB,
+        discard_mib = DISCARD_MIB,
+        region_mib = REGION_MIB,
+    );
+    let _one = guest::exclusive();
+    let env = GuestEnv::discover().unwrap_or_else(|e| panic!("{e}"));
+    let run = env
+        .run(guest_config("dpud-vhost-1", script, &socket))
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.dpud_log_tail()));
+    eprintln!("[{:?}] first boot done; {}", t0.elapsed(), run.timings());
+    if let Err(e) = run.check() {
+        panic!("{e}\n{}", bed.dpud_log_tail());
+    }
+    assert_eq!(sysfs(&run, "sectors") * 512, 64 * MIB);
+    assert_eq!(sysfs(&run, "lbs"), 4096);
+    assert_eq!(
+        sysfs(&run, "queues"),
+        2,
+        "two virtqueues, two blk-mq queues"
+    );
+    assert_eq!(ok(run.output("wcache")).trim(), "write through");
+    assert!(sysfs(&run, "discard") > 0, "discard not enabled");
+    assert_eq!(ok(run.output("serial")).trim(), "dpud-vv");
+    assert_eq!(
+        guest_sha(&run, "nbd_region"),
+        testbed::testdata::sha256_hex(&expect).unwrap(),
+        "NBD-written bytes through vhost-user-blk"
+    );
+    let (w, r, _) = fio_job(&run, "fio");
+    assert!(w >= FIO_MIB * MIB && r >= w, "fio wrote {w}, verified {r}");
+    let zeroes = testbed::testdata::sha256_hex(&vec![0u8; 1 << 20]).unwrap();
+    assert_eq!(guest_sha(&run, "discarded"), zeroes, "discarded range");
+    let region = guest_sha(&run, "region");
+
+    // vhost-user-blk -> NBD: the same bytes.
+    let img = bed.workdir().join("vv.raw");
+    bed.qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            img.to_str().unwrap(),
+        ],
+    );
+    let data = std::fs::read(&img).unwrap();
+    let end = usize::try_from(REGION_MIB * MIB).unwrap();
+    assert_eq!(
+        testbed::testdata::sha256_hex(&data[..end]).unwrap(),
+        region,
+        "the bytes the guest wrote over vhost-user-blk differ through NBD"
+    );
+
+    // A second QEMU on the same socket (dpud kept listening) reads the same data.
+    let script2 = format!(
+        r#"
+modprobe virtio_blk 2>/dev/null
+wait_for_path /dev/vda 100 || fail "no /dev/vda"
+must region sh -c "dd if=/dev/vda bs=1M count={REGION_MIB} 2>/dev/null | sha256sum"
+"#
+    );
+    let run2 = env
+        .run(guest_config("dpud-vhost-2", script2, &socket))
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.dpud_log_tail()));
+    if let Err(e) = run2.check() {
+        panic!("{e}\n{}", bed.dpud_log_tail());
+    }
+    assert_eq!(guest_sha(&run2, "region"), region, "second boot");
+    let list = bed.dpuctl(&["export", "list"]);
+    assert!(list.contains("vv.sock"), "{list}");
+    eprintln!("[{:?}] done", t0.elapsed());
+}
