@@ -12,20 +12,36 @@ packages=(
   iperf3 curl python3 ethtool iputils-ping
   liburing-dev libisal-dev protobuf-compiler
 )
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "install-deps: installing ${missing[*]}"
+missing_packages() {
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+# Two passes: installing one package can remove another that was already there. Seen on
+# a machine image that ships qemu-utils from bookworm-backports: Debian 12's
+# qemu-system-x86 conflicts with it, so apt removed it, and qemu-img and qemu-io were
+# gone. The second pass installs the Debian 12 qemu-utils that matches.
+for pass in 1 2; do
+  missing_packages
+  ((${#missing[@]})) || break
+  echo "install-deps: installing ${missing[*]} (pass $pass)"
   export DEBIAN_FRONTEND=noninteractive
-  sudo_cmd=()
-  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" apt-get update -qq
+  [ "$pass" -gt 1 ] || "${sudo_cmd[@]}" apt-get update -qq
   # tshark asks whether non-root users may capture; the default answer is fine.
   echo "wireshark-common wireshark-common/install-setuid boolean false" | "${sudo_cmd[@]}" debconf-set-selections
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+done
+missing_packages
+if ((${#missing[@]})); then
+  echo "install-deps: still missing after two passes: ${missing[*]}" >&2
+  exit 1
 fi
+for tool in qemu-img qemu-io qemu-system-x86_64 fio nvme tshark nbdinfo nbdkit iperf3; do
+  command -v "$tool" >/dev/null || { echo "install-deps: $tool is not on PATH after installing" >&2; exit 1; }
+done
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
