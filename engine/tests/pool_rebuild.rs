@@ -4,12 +4,18 @@
 //! recovered pool (the engine restarted from the nodes) sees the new places. Without
 //! the rebuild the same failures make data unreadable (checked in each test, so the
 //! test fails if the rebuild does nothing). A crash in the middle of a rebuild loses
-//! nothing, and the rebuild then runs to completion.
+//! nothing, and the rebuild then runs to completion. Through dpud's engine service
+//! (its rebuild supervisor drains a node): a volume opened only to be rebuilt is
+//! closed once its rebuild is over, while an exported one, and one exported while it
+//! is being rebuilt, stay open and keep working.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use engine::api::service::{NodeAdminState, NodeSpec as ApiNode, VolumeService, VolumeState};
+use engine::frontend::BlockDevice;
 use engine::pipeline::Kek;
+use engine::pool::service::{PoolService, RebuildPolicy};
 use engine::pool::{ConnectFuture, NodeConnector, NodeSpec, Pool};
 use engine::shard::{MemoryShard, ShardStore};
 use engine::volume::Volume;
@@ -355,4 +361,179 @@ async fn a_crash_in_the_middle_of_a_rebuild_loses_nothing() {
             "{protection} after more failures"
         );
     }
+}
+
+fn api_node(i: usize, state: NodeAdminState) -> ApiNode {
+    let s = spec(i);
+    ApiNode {
+        name: s.id,
+        address: s.address,
+        nqn: s.nqn,
+        domain: s.domain,
+        weight: 1,
+        state,
+    }
+}
+
+/// The volumes the service has open (its per-volume metrics cover exactly those).
+async fn open_volumes(svc: &PoolService) -> Vec<String> {
+    let mut names: Vec<String> = svc
+        .metrics()
+        .await
+        .expect("metrics")
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// 64 KiB of volume `tag` at `offset` (16 blocks).
+fn chunk64k(tag: u64, offset: u64) -> Vec<u8> {
+    (0..16u64)
+        .flat_map(|i| block(tag, offset / 4096 + i))
+        .collect()
+}
+
+/// Writes `mib` MiB of volume `tag` from offset 0, flushed.
+async fn fill(dev: &dyn BlockDevice, tag: u64, mib: u64) {
+    for i in 0..mib * 16 {
+        let at = i * 65536;
+        dev.write(at, chunk64k(tag, at), false)
+            .await
+            .expect("write");
+    }
+    dev.flush().await.expect("flush");
+}
+
+/// The first 64 KiB piece of the `mib` MiB `fill` wrote that does not read back.
+async fn first_difference(dev: &dyn BlockDevice, tag: u64, mib: u64) -> Option<u64> {
+    for i in 0..mib * 16 {
+        let at = i * 65536;
+        match dev.read(at, 65536).await {
+            Ok(d) if d == chunk64k(tag, at) => {}
+            _ => return Some(at),
+        }
+    }
+    None
+}
+
+/// dpud's engine restarted over three nodes holding three mirrored volumes; a fourth
+/// node joins and the first is drained. Volume "held" is exported before the drain,
+/// "late" only once the supervisor has opened it for its rebuild and is still moving
+/// its pieces, "idle" never: after the rebuild "idle" is closed (and stays closed),
+/// the other two stay open and their handles keep working, no rebuild is reported and
+/// every volume holds its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_opened_only_for_its_rebuild_is_closed_when_it_is_over() {
+    const MIB: u64 = 3;
+    let shards: Vec<Arc<MemoryShard>> = (0..4)
+        .map(|i| Arc::new(MemoryShard::new(format!("node{i}"), NODE_BYTES, 512)))
+        .collect();
+    let connector: Arc<dyn NodeConnector> = Arc::new(Memory(
+        shards
+            .iter()
+            .map(|s| (s.info().node.clone(), Arc::clone(s)))
+            .collect(),
+    ));
+    let kek = Kek::generate().expect("kek");
+    let levels = vec!["rack".to_owned(), "node".to_owned()];
+    let up = |n: usize| (0..n).map(|i| api_node(i, NodeAdminState::Up)).collect();
+    let volumes = [("held", 1), ("idle", 2), ("late", 3)];
+
+    // The volumes are written, then the engine stops (every volume closed).
+    let first = PoolService::new(kek.clone(), levels.clone(), 1, Arc::clone(&connector))
+        .expect("service")
+        .with_chunk_size(CHUNK);
+    first.set_nodes(up(3)).await.expect("nodes");
+    let p = placement::Profile::from_toml(
+        "schema_version = 1\nname = \"m3\"\nprotection = \"mirror:3\"\nfailure_domain = \"node\"\ncompression = \"off\"\n",
+    )
+    .expect("profile");
+    for (name, tag) in volumes {
+        first
+            .create_volume(name, p.clone(), 16 << 20)
+            .await
+            .expect("create");
+        let dev = first.device(name).await.expect("device").expect("exists");
+        fill(&*dev, tag, MIB).await;
+    }
+    first.shutdown().await.expect("shutdown");
+    drop(first);
+
+    // Restarted: pieces move at 1 MiB/s per volume, so each volume's rebuild (three
+    // pieces or more on node0) takes two seconds or more.
+    let svc = PoolService::new(kek, levels, 1, connector)
+        .expect("service")
+        .with_chunk_size(CHUNK)
+        .with_rebuild_policy(RebuildPolicy {
+            grace: std::time::Duration::from_secs(3600),
+            bytes_per_second: 1 << 20,
+            interval: std::time::Duration::from_millis(50),
+        });
+    svc.set_nodes(up(3)).await.expect("recover");
+    svc.set_nodes(up(4)).await.expect("add node3");
+    let held = svc.device("held").await.expect("device").expect("exists");
+    assert_eq!(open_volumes(&svc).await, ["held"]);
+    let mut drain: Vec<ApiNode> = up(4);
+    drain[0].state = NodeAdminState::Draining;
+    svc.set_nodes(drain).await.expect("drain");
+
+    // "late" is exported while the supervisor rebuilds it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !open_volumes(&svc).await.iter().any(|v| v == "late") {
+        assert!(std::time::Instant::now() < deadline, "late never opened");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let status = svc.status().await.expect("status");
+    assert!(
+        status.rebuilds.iter().any(|r| r.volume == "late"),
+        "late is not being rebuilt: {status:?}"
+    );
+    let late = svc.device("late").await.expect("device").expect("exists");
+
+    // The rebuild ends: node0 holds nothing, "idle" is closed.
+    loop {
+        let status = svc.status().await.expect("status");
+        let node0 = status
+            .nodes
+            .iter()
+            .find(|n| n.name == "node0")
+            .expect("node0");
+        let open = open_volumes(&svc).await;
+        if node0.pieces == 0 && status.rebuilds.is_empty() && open == ["held", "late"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rebuild not over, or the wrong volumes open: {open:?} {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Closed for good: later rounds do not open it again.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(open_volumes(&svc).await, ["held", "late"]);
+    let status = svc.status().await.expect("status");
+    assert!(status.rebuilds.is_empty(), "{status:?}");
+    for v in &status.volumes {
+        assert_eq!(v.state, VolumeState::Healthy, "{status:?}");
+    }
+
+    // The exported handles keep working, and every volume holds its data.
+    for (dev, tag) in [(&held, 1), (&late, 3)] {
+        assert_eq!(first_difference(&**dev, tag, MIB).await, None);
+        let at = MIB << 20;
+        dev.write(at, chunk64k(tag + 10, at), true)
+            .await
+            .expect("write after the rebuild");
+        assert_eq!(
+            dev.read(at, 65536).await.expect("read"),
+            chunk64k(tag + 10, at)
+        );
+    }
+    let idle = svc.device("idle").await.expect("device").expect("exists");
+    assert_eq!(first_difference(&*idle, 2, MIB).await, None);
+    assert_eq!(open_volumes(&svc).await, ["held", "idle", "late"]);
+    drop((held, late, idle));
+    svc.shutdown().await.expect("shutdown");
 }

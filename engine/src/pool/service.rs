@@ -6,14 +6,26 @@
 //! formatted node is enough: the catalogue names the others) or, when they are all
 //! blank, creates a new cluster on them. Later node lists add nodes, mark them draining
 //! or remove them. A volume is opened on first use (an export asks for its device) on
-//! the next reactor, and stays open until it is deleted, resized or the daemon stops.
+//! the next reactor, and stays open until it is deleted or the daemon stops.
+//!
+//! The rebuild supervisor opens the volumes that have pieces to move as well. A volume
+//! it opened that nobody else asked for (no export) is closed again (flushed,
+//! checkpointed and released) once its rebuild has nothing left to move, or when its
+//! rebuild could not start; the next round opens it again while pieces remain. The
+//! moment someone asks for its device (an export added while it rebuilds), the volume
+//! is theirs and stays open. Opening and closing a volume are serialised per name (a
+//! `pending` entry others wait on), so a device asked for while the supervisor closes
+//! the volume is the volume opened again after the close, never a second writer or a
+//! closed handle.
 //!
 //! Nothing here holds a lock across an `.await`: the maps behind the mutex are cloned
 //! out (pool handles and devices are cheap `Arc`s) before any call into the engine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use super::{NodeConnector, NodeSpec as PoolNode, Pool, PoolError, DEFAULT_CHUNK_SIZE};
 use crate::api::service::{
@@ -68,8 +80,42 @@ struct State {
     /// Node states as last applied to the pool.
     applied: HashMap<String, NodeAdminState>,
     devices: HashMap<String, Arc<VolumeDevice>>,
+    /// Open volumes the supervisor opened to rebuild them and nobody else asked for:
+    /// closed when their rebuild is over (see the module documentation).
+    rebuild_only: HashSet<String>,
+    /// Volumes being opened or closed; the sender side is dropped when that is done.
+    pending: HashMap<String, watch::Receiver<()>>,
+    /// Volumes the supervisor closed after a complete rebuild, with the nodes it moved
+    /// their pieces off: not opened again for those nodes (a volume whose pieces a
+    /// complete rebuild did not move would otherwise be opened and closed every round).
+    rebuilt: HashMap<String, Vec<String>>,
     unreachable: HashMap<String, String>,
     shut_down: bool,
+}
+
+/// Who asks for a volume's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    /// An export (or anything else that reads or writes it): it stays open.
+    User,
+    /// The rebuild supervisor: closed once the rebuild is over, unless a user asked too.
+    Rebuild,
+}
+
+/// Marks a volume as being opened or closed; dropping it lets the waiters go on.
+struct Pending<'a> {
+    inner: &'a Inner,
+    name: String,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.pending.remove(&self.name);
+        }
+        // `_done` is dropped after this: the waiters wake to the updated maps.
+    }
 }
 
 /// The engine as the control plane sees it. See the module documentation.
@@ -210,6 +256,7 @@ impl PoolService {
                     return;
                 }
                 inner.supervise_once().await;
+                inner.close_rebuilt().await;
             }
         });
     }
@@ -256,7 +303,17 @@ impl Inner {
             return;
         };
         for (name, pieces) in volumes {
-            let dev = match self.open_device(&name).await {
+            let done_before = self.lock().is_ok_and(|s| {
+                !s.devices.contains_key(&name)
+                    && s.rebuilt
+                        .get(&name)
+                        .is_some_and(|nodes| leaving.iter().all(|n| nodes.contains(n)))
+            });
+            if done_before {
+                tracing::debug!(volume = %name, pieces, nodes = ?leaving, "pieces remain on nodes a complete rebuild left; not opened again");
+                continue;
+            }
+            let dev = match self.open_device(&name, Opener::Rebuild).await {
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
                 Err(e) => {
@@ -311,20 +368,134 @@ impl Inner {
         }
     }
 
+    /// Closes the rebuild-only volumes whose rebuild is over: nothing left to move, or
+    /// it never started (it is tried again next round while pieces remain). A volume
+    /// someone asked for meanwhile is not rebuild-only any more and is left open.
+    async fn close_rebuilt(&self) {
+        let closing: Vec<(Arc<VolumeDevice>, Pending<'_>, Option<Vec<String>>)> = {
+            let Ok(mut s) = self.lock() else {
+                return;
+            };
+            let names: Vec<String> = s.rebuild_only.iter().cloned().collect();
+            let mut closing = Vec::new();
+            for name in names {
+                if s.pending.contains_key(&name) {
+                    continue;
+                }
+                let Some(dev) = s.devices.get(&name) else {
+                    s.rebuild_only.remove(&name);
+                    continue;
+                };
+                let rebuild = dev.counters().rebuild;
+                if rebuild.is_some_and(|r| r.pieces_left > 0) {
+                    continue;
+                }
+                let Some(dev) = s.devices.remove(&name) else {
+                    continue;
+                };
+                s.rebuild_only.remove(&name);
+                // Complete: started (and so set up) on these nodes, nothing left.
+                let nodes =
+                    Some(dev.rebuild_nodes()).filter(|n| rebuild.is_some() && !n.is_empty());
+                let (done, rx) = watch::channel(());
+                s.pending.insert(name.clone(), rx);
+                closing.push((
+                    dev,
+                    Pending {
+                        inner: self,
+                        name,
+                        _done: done,
+                    },
+                    nodes,
+                ));
+            }
+            closing
+        };
+        for (dev, pending, nodes) in closing {
+            let name = pending.name.clone();
+            match dev.close().await {
+                Ok(()) => {
+                    tracing::info!(volume = %name, rebuilt = nodes.is_some(), "volume opened for its rebuild closed");
+                    if let (Some(nodes), Ok(mut s)) = (nodes, self.lock()) {
+                        s.rebuilt.insert(name, nodes);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "closing the volume opened for its rebuild failed");
+                }
+            }
+            drop(pending);
+        }
+    }
+
+    /// Waits until nobody is opening or closing `name`, then runs `f` on the state
+    /// (under the lock).
+    async fn settled<T>(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&mut State) -> T,
+    ) -> Result<T, ServiceError> {
+        loop {
+            let wait = {
+                let mut s = self.lock()?;
+                match s.pending.get(name) {
+                    Some(rx) => rx.clone(),
+                    None => return Ok(f(&mut s)),
+                }
+            };
+            let mut wait = wait;
+            // Err: the sender is gone, which is what is waited for.
+            let _done = wait.changed().await;
+        }
+    }
+
+    fn pending<'a>(&'a self, s: &mut State, name: &str) -> Pending<'a> {
+        let (done, rx) = watch::channel(());
+        s.pending.insert(name.to_owned(), rx);
+        Pending {
+            inner: self,
+            name: name.to_owned(),
+            _done: done,
+        }
+    }
+
     async fn close_device(&self, name: &str) -> Result<(), ServiceError> {
-        let dev = self.lock()?.devices.remove(name);
-        if let Some(dev) = dev {
-            dev.close()
-                .await
-                .map_err(|e| ServiceError::Unavailable(format!("closing volume {name}: {e}")))?;
+        let closing = self
+            .settled(name, |s| {
+                s.rebuild_only.remove(name);
+                s.rebuilt.remove(name);
+                let dev = s.devices.remove(name)?;
+                Some((dev, self.pending(s, name)))
+            })
+            .await?;
+        if let Some((dev, pending)) = closing {
+            let r = dev.close().await;
+            drop(pending);
+            r.map_err(|e| ServiceError::Unavailable(format!("closing volume {name}: {e}")))?;
         }
         Ok(())
     }
 
-    async fn open_device(&self, name: &str) -> Result<Option<Arc<VolumeDevice>>, ServiceError> {
-        if let Some(d) = self.lock()?.devices.get(name) {
-            return Ok(Some(Arc::clone(d)));
-        }
+    async fn open_device(
+        &self,
+        name: &str,
+        by: Opener,
+    ) -> Result<Option<Arc<VolumeDevice>>, ServiceError> {
+        let found = self
+            .settled(name, |s| match s.devices.get(name) {
+                Some(d) => {
+                    if by == Opener::User {
+                        s.rebuild_only.remove(name);
+                    }
+                    Ok(Arc::clone(d))
+                }
+                None => Err(self.pending(s, name)),
+            })
+            .await?;
+        let pending = match found {
+            Ok(d) => return Ok(Some(d)),
+            Err(p) => p,
+        };
         let pool = self.pool()?;
         let volumes = pool.volumes().await.map_err(pool_error)?;
         if !volumes.iter().any(|v| v.name == name) {
@@ -347,8 +518,19 @@ impl Inner {
             .ok_or_else(|| ServiceError::Internal("the reactor dropped the open".into()))?
             .map_err(pool_error)?;
         let mut s = self.lock()?;
-        let dev = s.devices.entry(name.to_owned()).or_insert(opened);
-        Ok(Some(Arc::clone(dev)))
+        s.devices.insert(name.to_owned(), Arc::clone(&opened));
+        match by {
+            Opener::Rebuild => {
+                s.rebuild_only.insert(name.to_owned());
+            }
+            Opener::User => {
+                // Written to from now on: a later rebuild may find pieces to move again.
+                s.rebuilt.remove(name);
+            }
+        }
+        drop(s);
+        drop(pending);
+        Ok(Some(opened))
     }
 
     async fn apply_nodes(&self, nodes: Vec<NodeSpec>) -> Result<(), ServiceError> {
@@ -526,7 +708,9 @@ impl VolumeService for PoolService {
             let pool = self.pool()?;
             // An open volume (exported, or being rebuilt) grows in place: its exports
             // keep their connections, and new ones see the new size.
-            let open = self.lock()?.devices.get(&name).cloned();
+            let open = self
+                .settled(&name, |s| s.devices.get(&name).cloned())
+                .await?;
             let Some(dev) = open else {
                 let v = pool
                     .resize_volume(&name, size_bytes)
@@ -571,7 +755,7 @@ impl VolumeService for PoolService {
         let name = name.to_owned();
         Box::pin(async move {
             Ok(self
-                .open_device(&name)
+                .open_device(&name, Opener::User)
                 .await?
                 .map(|d| d as Arc<dyn BlockDevice>))
         })
@@ -690,6 +874,7 @@ impl VolumeService for PoolService {
             let devices: Vec<(String, Arc<VolumeDevice>)> = {
                 let mut s = self.lock()?;
                 s.shut_down = true;
+                s.rebuild_only.clear();
                 s.devices.drain().collect()
             };
             let mut errors = Vec::new();

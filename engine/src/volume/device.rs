@@ -161,6 +161,8 @@ pub struct VolumeDevice {
     hints: IoHints,
     tx: mpsc::Sender<Request>,
     counters: Arc<Mutex<DeviceCounters>>,
+    /// Nodes a rebuild was started off (see [`VolumeDevice::rebuild_nodes`]).
+    rebuild_nodes: Mutex<Vec<String>>,
 }
 
 fn device_error(e: VolumeError) -> DeviceError {
@@ -212,6 +214,7 @@ impl VolumeDevice {
             hints,
             tx,
             counters,
+            rebuild_nodes: Mutex::new(Vec::new()),
         })
     }
 
@@ -227,14 +230,31 @@ impl VolumeDevice {
 
     /// Starts moving every piece on `nodes` elsewhere (see `Volume::start_rebuild`), at
     /// most `bytes_per_second` of rebuilt pieces, in steps between foreground requests.
-    /// Returns once the rebuild is set up; progress shows in [`DeviceCounters::rebuild`].
+    /// Returns once the rebuild is set up; progress shows in [`DeviceCounters::rebuild`]
+    /// from then on.
     pub async fn rebuild(
         &self,
         nodes: Vec<String>,
         bytes_per_second: u64,
     ) -> Result<(), DeviceError> {
-        self.call(|r| Request::Rebuild(nodes, bytes_per_second, r))
-            .await
+        self.call(|r| Request::Rebuild(nodes.clone(), bytes_per_second, r))
+            .await?;
+        if let Ok(mut all) = self.rebuild_nodes.lock() {
+            for n in nodes {
+                if !all.contains(&n) {
+                    all.push(n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes the rebuilds started on this handle move pieces off.
+    pub fn rebuild_nodes(&self) -> Vec<String> {
+        self.rebuild_nodes
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default()
     }
 
     /// Runs one garbage collection pass over at most `max_segments` segments whose live
@@ -474,6 +494,9 @@ async fn owner<F>(
                 Request::Rebuild(nodes, rate, reply) => {
                     pace.rate = rate.max(1);
                     let r = volume.start_rebuild(&nodes).await.map_err(device_error);
+                    // The caller reads the progress as soon as this returns (the
+                    // supervisor closes a volume whose rebuild shows none).
+                    publish(&volume, &counters);
                     let _gone = reply.send(r);
                 }
                 Request::Close(reply) => {
