@@ -182,3 +182,211 @@ async fn metrics_follow_io_and_state() -> TestResult {
     );
     Ok(())
 }
+
+/// Scrapes `/metrics` and parses it.
+async fn scrape(
+    addr: std::net::SocketAddr,
+) -> Result<BTreeMap<String, f64>, Box<dyn std::error::Error>> {
+    let resp = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or("no header end")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(parse(body))
+}
+
+/// The `dpud_nvme_tcp_*` series of `export`, in the order
+/// controllers, requests, reads, writes, read bytes, written bytes, errors.
+fn nvme_series(m: &BTreeMap<String, f64>, export: &str) -> [f64; 7] {
+    [
+        "controllers",
+        "requests_total",
+        "reads_total",
+        "writes_total",
+        "read_bytes_total",
+        "written_bytes_total",
+        "errors_total",
+    ]
+    .map(|s| {
+        let k = format!("dpud_nvme_tcp_{s}{{export=\"{export}\"}}");
+        *m.get(&k).unwrap_or_else(|| panic!("missing {k}: {m:?}"))
+    })
+}
+
+/// NVMe/TCP exports have per-export counters on `/metrics`, named and labelled as the
+/// NBD and vhost-user-blk ones: every I/O command a host sends moves them by exactly
+/// what it did (reads, writes, their bytes; a range beyond the namespace and a write
+/// to a read-only export are errors), admin commands do not, and each export counts
+/// its own commands only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nvme_tcp_export_counters_follow_the_commands() -> TestResult {
+    use bytes::Bytes;
+    use engine::api::proto::exports_client::ExportsClient;
+    use nvmeof::host::{Controller, HostConfig};
+    use nvmeof::nvme::{IoCommand, StatusCode};
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:12345678-0000-0000-0000-0000000000cc";
+
+    let dir = tempfile::tempdir()?;
+    let d = TestDaemon::start(dir.path()).await?;
+    let addr = d.handle.metrics_addr().ok_or("no metrics listener")?;
+    let ch = connect_unix(d.handle.api_socket()).await?;
+    NodesClient::new(ch.clone())
+        .add(proto::AddNodeRequest {
+            name: "n0".into(),
+            address: "127.0.0.1:4420".into(),
+            nqn: "nqn.2026-11.io.example:n0".into(),
+            domain: None,
+            weight: None,
+        })
+        .await?;
+    VolumesClient::new(ch.clone())
+        .create(proto::CreateVolumeRequest {
+            name: "v".into(),
+            profile: "scratch".into(),
+            size_bytes: 4 << 20,
+        })
+        .await?;
+    let exports = ExportsClient::new(ch);
+    let add = |name: &str, kind: proto::ExportType, read_only: bool| {
+        let req = proto::AddExportRequest {
+            volume: "v".into(),
+            r#type: kind.into(),
+            name: Some(name.into()),
+            read_only,
+            allowed_hosts: if kind == proto::ExportType::NvmeTcp {
+                vec![HOST.into()]
+            } else {
+                Vec::new()
+            },
+        };
+        let mut exports = exports.clone();
+        async move { exports.add(req).await.map(tonic::Response::into_inner) }
+    };
+    let rw = add("v-nvme", proto::ExportType::NvmeTcp, false).await?;
+    let ro = add("v-ro", proto::ExportType::NvmeTcp, true).await?;
+    add("v-nbd", proto::ExportType::Nbd, false).await?;
+
+    let m = scrape(addr).await?;
+    assert_eq!(nvme_series(&m, "v-nvme"), [0.0; 7]);
+    assert_eq!(nvme_series(&m, "v-ro"), [0.0; 7]);
+    // The same scheme as the NBD export's series.
+    assert_eq!(
+        m.get("dpud_nbd_requests_total{export=\"v-nbd\"}"),
+        Some(&0.0)
+    );
+
+    let host = |e: &proto::Export| -> Result<HostConfig, Box<dyn std::error::Error>> {
+        let mut hc = HostConfig::new(e.nvme_address.parse()?, e.nvme_subnqn.clone());
+        hc.hostnqn = HOST.into();
+        hc.io_queues = 2;
+        Ok(hc)
+    };
+    let c = Controller::connect(host(&rw)?).await?;
+    // Connecting and Identify are admin commands: not counted.
+    assert_eq!(c.namespace(1).await?.blocks, 1024);
+    let m = scrape(addr).await?;
+    assert_eq!(
+        nvme_series(&m, "v-nvme"),
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    );
+
+    // Three writes (16, 2 and 1 blocks), two reads (16 and 2 blocks), a flush.
+    c.write(0, 1, 0, Bytes::from(vec![0x11; 65536]), false)
+        .await?;
+    c.write(1, 1, 100, Bytes::from(vec![0x22; 8192]), true)
+        .await?;
+    c.write(0, 1, 1023, Bytes::from(vec![0x33; 4096]), false)
+        .await?;
+    assert_eq!(&c.read(1, 1, 0, 16).await?[..], &[0x11; 65536][..]);
+    assert_eq!(&c.read(0, 1, 100, 2).await?[..], &[0x22; 8192][..]);
+    c.flush(1, 1).await?;
+    // Two bad requests: a read and a write of two blocks from the last one.
+    for (cmd, data, read_len) in [
+        (
+            IoCommand::Read {
+                nsid: 1,
+                slba: 1023,
+                nlb: 1,
+                fua: false,
+            },
+            Bytes::new(),
+            8192,
+        ),
+        (
+            IoCommand::Write {
+                nsid: 1,
+                slba: 1023,
+                nlb: 1,
+                fua: false,
+            },
+            Bytes::from(vec![0x44; 8192]),
+            0,
+        ),
+    ] {
+        let e = c
+            .io_raw(0, cmd, data, read_len)
+            .await
+            .err()
+            .ok_or("a range beyond the namespace was accepted")?;
+        assert_eq!(
+            e.status().map(|s| s.code),
+            Some(StatusCode::LBA_OUT_OF_RANGE),
+            "{e}"
+        );
+    }
+    let m = scrape(addr).await?;
+    assert_eq!(
+        nvme_series(&m, "v-nvme"),
+        [
+            1.0,
+            8.0,
+            2.0,
+            3.0,
+            f64::from(65536 + 8192),
+            f64::from(65536 + 8192 + 4096),
+            2.0
+        ]
+    );
+    assert_eq!(nvme_series(&m, "v-ro"), [0.0; 7]);
+
+    // The read-only export: a read, and a write it refuses.
+    let r = Controller::connect(host(&ro)?).await?;
+    assert_eq!(&r.read(0, 1, 100, 1).await?[..], &[0x22; 4096][..]);
+    let e = r
+        .write(0, 1, 5, Bytes::from(vec![0x55; 4096]), false)
+        .await
+        .err()
+        .ok_or("a read-only export took a write")?;
+    assert_eq!(
+        e.status().map(|s| s.code),
+        Some(StatusCode::NAMESPACE_WRITE_PROTECTED),
+        "{e}"
+    );
+    let m = scrape(addr).await?;
+    assert_eq!(
+        nvme_series(&m, "v-ro"),
+        [1.0, 2.0, 1.0, 0.0, 4096.0, 0.0, 1.0]
+    );
+    assert_eq!(nvme_series(&m, "v-nvme")[1], 8.0);
+
+    // The counters outlive the host's association.
+    c.shutdown().await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = nvme_series(&scrape(addr).await?, "v-nvme");
+        if s[0] == 0.0 {
+            assert_eq!(s[1..], [8.0, 2.0, 3.0, 73728.0, 77824.0, 2.0]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "controller still counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(r);
+    d.handle.shutdown().await?;
+    Ok(())
+}

@@ -3,7 +3,7 @@
 //! test can see; the host NQN allow-list; commands beyond the namespace; every device
 //! error class as the NVMe status a host sees; export removal; and the queues spread
 //! over two reactors. After each failure the same connection and the other exports
-//! keep working.
+//! keep working. Each export's counters follow its commands, device errors included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashSet};
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use engine::frontend::nvme_tcp::{NvmeTcpConfig, NvmeTcpServer};
+use engine::frontend::nvme_tcp::{NvmeTcpConfig, NvmeTcpServer, NvmeTcpStats};
 use engine::frontend::{BlockDevice, DeviceError, DeviceFuture, IoHints, MemoryDevice};
 use engine::reactor::Reactors;
 use nvmeof::host::{Controller, HostConfig, HostError, ReconnectPolicy};
@@ -655,4 +655,46 @@ async fn removing_an_export_closes_its_connections_only() {
     stays.shutdown().await.unwrap();
     s.server.shutdown().await;
     let _ = s.cached;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_counters_follow_the_commands_device_errors_included() {
+    let s = setup().await;
+    assert_eq!(s.server.exports(), ["cached", "other", "vol0"]);
+    assert_eq!(s.server.stats("vol0"), Some(NvmeTcpStats::default()));
+    assert_eq!(s.server.stats("nope"), None);
+    let c = Controller::connect(host(&s, "vol0", HOST_A)).await.unwrap();
+    s.vol0.fail(7, Fault::Media);
+    c.write(0, 1, 0, Bytes::from(pattern(1, 8192)), false)
+        .await
+        .unwrap();
+    c.read(1, 1, 0, 2).await.unwrap();
+    c.write_zeroes(0, 1, 2, 2, false).await.unwrap();
+    // The device fails these: a read and a write of block 7.
+    c.read(1, 1, 7, 1).await.unwrap_err();
+    c.write(0, 1, 7, Bytes::from(pattern(2, 4096)), false)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.server.stats("vol0"),
+        Some(NvmeTcpStats {
+            controllers: 1,
+            requests: 5,
+            reads: 1,
+            writes: 1,
+            read_bytes: 8192,
+            written_bytes: 8192,
+            errors: 2,
+        })
+    );
+    assert_eq!(s.server.stats("other"), Some(NvmeTcpStats::default()));
+    // Gone with the export; a new export under the name starts over.
+    assert!(s.server.remove_export("vol0"));
+    assert_eq!(s.server.stats("vol0"), None);
+    s.server
+        .add_export("vol0", s.vol0.clone(), &[HOST_A.to_owned()], "v0")
+        .unwrap();
+    assert_eq!(s.server.stats("vol0"), Some(NvmeTcpStats::default()));
+    drop(c);
+    s.server.shutdown().await;
 }

@@ -352,6 +352,67 @@ impl DaemonFrontends {
             self.nbd.handshake_failures()
         );
         self.write_vhost_metrics(out);
+        self.write_nvme_metrics(out);
+    }
+
+    fn write_nvme_metrics(&self, out: &mut String) {
+        let Some(server) = &self.nvme else { return };
+        let stats: Vec<(String, crate::frontend::nvme_tcp::NvmeTcpStats)> = server
+            .exports()
+            .into_iter()
+            .filter_map(|e| server.stats(&e).map(|s| (e, s)))
+            .collect();
+        type Get = fn(&crate::frontend::nvme_tcp::NvmeTcpStats) -> u64;
+        let series: [(&str, &str, &str, Get); 7] = [
+            (
+                "dpud_nvme_tcp_controllers",
+                "gauge",
+                "NVMe/TCP controllers (host associations) connected.",
+                |s| s.controllers,
+            ),
+            (
+                "dpud_nvme_tcp_requests_total",
+                "counter",
+                "NVMe I/O commands received.",
+                |s| s.requests,
+            ),
+            (
+                "dpud_nvme_tcp_reads_total",
+                "counter",
+                "NVMe Read commands completed.",
+                |s| s.reads,
+            ),
+            (
+                "dpud_nvme_tcp_writes_total",
+                "counter",
+                "NVMe Write commands completed.",
+                |s| s.writes,
+            ),
+            (
+                "dpud_nvme_tcp_read_bytes_total",
+                "counter",
+                "Bytes read by NVMe/TCP hosts.",
+                |s| s.read_bytes,
+            ),
+            (
+                "dpud_nvme_tcp_written_bytes_total",
+                "counter",
+                "Bytes written by NVMe/TCP hosts.",
+                |s| s.written_bytes,
+            ),
+            (
+                "dpud_nvme_tcp_errors_total",
+                "counter",
+                "NVMe I/O commands answered with an error status.",
+                |s| s.errors,
+            ),
+        ];
+        for (name, kind, help, get) in series {
+            header(out, name, kind, help);
+            for (e, s) in &stats {
+                sample(out, name, "export", e, get(s));
+            }
+        }
     }
 
     fn write_vhost_metrics(&self, out: &mut String) {

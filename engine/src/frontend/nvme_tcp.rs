@@ -17,6 +17,12 @@
 //! - Each accepted connection (one NVMe queue) is moved to the next reactor
 //!   round-robin, so a host's I/O queues are spread over dpud's cores; the volume's
 //!   work stays on the volume's own reactor behind its channel.
+//! - [`NvmeTcpServer::stats`] gives an export's counters, as the NBD and
+//!   vhost-user-blk front-ends do for theirs. They are the target's per-subsystem
+//!   counters (`nvmeof::target::SubsystemStats`): the target is the one place that
+//!   sees every I/O command, including those refused before they reach the device
+//!   (a range beyond the namespace, an unknown opcode), and one subsystem is one
+//!   export.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -204,6 +210,25 @@ impl NvmeTcpConfig {
     }
 }
 
+/// The counters of one export since it was added (see [`NvmeTcpServer::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NvmeTcpStats {
+    /// Live controllers (host associations; each has an admin and I/O queues).
+    pub controllers: u64,
+    /// NVMe I/O commands received, whatever their outcome.
+    pub requests: u64,
+    /// Read commands completed.
+    pub reads: u64,
+    /// Write commands completed (not Write Zeroes or deallocation).
+    pub writes: u64,
+    /// Bytes read by hosts.
+    pub read_bytes: u64,
+    /// Bytes written by hosts.
+    pub written_bytes: u64,
+    /// I/O commands answered with an error status.
+    pub errors: u64,
+}
+
 /// One served export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NvmeExport {
@@ -340,6 +365,42 @@ impl NvmeTcpServer {
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
             .cloned()
+    }
+
+    /// The names of the exports served, sorted.
+    #[must_use]
+    pub fn exports(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .exports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The counters of an export, `None` if it is not served. They count from the
+    /// moment the export was added (an export removed and added again starts over).
+    #[must_use]
+    pub fn stats(&self, name: &str) -> Option<NvmeTcpStats> {
+        let e = self.export(name)?;
+        let s = self
+            .target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()?
+            .subsystem_stats(&e.subnqn)?;
+        Some(NvmeTcpStats {
+            controllers: u64::try_from(s.controllers).unwrap_or(u64::MAX),
+            requests: s.commands,
+            reads: s.reads,
+            writes: s.writes,
+            read_bytes: s.read_bytes,
+            written_bytes: s.written_bytes,
+            errors: s.errors,
+        })
     }
 
     /// Live controllers (host associations) of an export.

@@ -660,9 +660,12 @@ impl Conn {
             );
             return None;
         }
+        let io = &ctrl.subsys.io;
+        io.commands.fetch_add(1, Ordering::Relaxed);
         let cmd = match IoCommand::parse(&sqe) {
             Ok(c) => c,
             Err(e) => {
+                io.errors.fetch_add(1, Ordering::Relaxed);
                 ctrl.log_error(qid, sqe.cid, e.status(), sqe.nsid, 0);
                 self.complete(sqe.cid, Reply::status(e.status()));
                 return None;
@@ -675,6 +678,7 @@ impl Conn {
         let mut fut = Box::pin(async move {
             let reply = io::execute(&ctrl, cmd, data, c2h_len, max_transfer).await;
             if !reply.status.is_success() {
+                ctrl.subsys.io.errors.fetch_add(1, Ordering::Relaxed);
                 let slba = u64::from(sqe.cdw10) | (u64::from(sqe.cdw11) << 32);
                 ctrl.log_error(qid, sqe.cid, reply.status, sqe.nsid, slba);
             }

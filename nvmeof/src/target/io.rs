@@ -94,6 +94,8 @@ pub(crate) async fn execute(
                 Ok(d) => {
                     ctrl.stats.read_cmds.fetch_add(1, Ordering::Relaxed);
                     ctrl.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+                    subsys.io.reads.fetch_add(1, Ordering::Relaxed);
+                    subsys.io.bytes_read.fetch_add(len, Ordering::Relaxed);
                     Reply::data(d)
                 }
                 Err(e) => {
@@ -135,6 +137,8 @@ pub(crate) async fn execute(
             }
             ctrl.stats.write_cmds.fetch_add(1, Ordering::Relaxed);
             ctrl.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+            subsys.io.writes.fetch_add(1, Ordering::Relaxed);
+            subsys.io.bytes_written.fetch_add(len, Ordering::Relaxed);
             Reply::ok()
         }
         IoCommand::Flush { .. } => {

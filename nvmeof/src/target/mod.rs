@@ -94,6 +94,28 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// What an NVM subsystem has served since it was added to the target, over every
+/// controller it had: the commands of its I/O queues (admin and fabrics commands are
+/// not counted). A subsystem removed and added again starts from zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubsystemStats {
+    /// Live controllers (host associations).
+    pub controllers: usize,
+    /// I/O commands received, whatever their outcome (opcodes the target does not
+    /// know included).
+    pub commands: u64,
+    /// Read commands completed successfully.
+    pub reads: u64,
+    /// Write commands completed successfully (not Write Zeroes).
+    pub writes: u64,
+    /// Bytes those reads returned.
+    pub read_bytes: u64,
+    /// Bytes those writes stored.
+    pub written_bytes: u64,
+    /// I/O commands completed with an error status.
+    pub errors: u64,
+}
+
 /// A running target.
 #[derive(Debug)]
 pub struct Target {
@@ -275,6 +297,23 @@ impl Target {
             self.shared.subsystem(subnqn)
         };
         s.map_or(0, |s| state::lock(&s.controllers).len())
+    }
+
+    /// The I/O counters of a subsystem, `None` if it is not served (see
+    /// [`SubsystemStats`]).
+    pub fn subsystem_stats(&self, subnqn: &str) -> Option<SubsystemStats> {
+        let s = self.shared.subsystem(subnqn)?;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let controllers = state::lock(&s.controllers).len();
+        Some(SubsystemStats {
+            controllers,
+            commands: get(&s.io.commands),
+            reads: get(&s.io.reads),
+            writes: get(&s.io.writes),
+            read_bytes: get(&s.io.bytes_read),
+            written_bytes: get(&s.io.bytes_written),
+            errors: get(&s.io.errors),
+        })
     }
 
     /// Start serving another subsystem while the target runs. Refused if its NQN is

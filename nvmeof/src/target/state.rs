@@ -68,6 +68,19 @@ pub(crate) struct Subsystem {
     pub allow_any_host: bool,
     pub controllers: Mutex<HashMap<u16, Arc<Controller>>>,
     next_cntlid: AtomicU16,
+    /// I/O counters over every controller the subsystem had (they outlive each one).
+    pub io: IoCounters,
+}
+
+/// I/O-queue counters of a subsystem (see `super::SubsystemStats`).
+#[derive(Debug, Default)]
+pub(crate) struct IoCounters {
+    pub commands: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
 }
 
 impl Subsystem {
@@ -94,6 +107,7 @@ impl Subsystem {
             allow_any_host,
             controllers: Mutex::new(HashMap::new()),
             next_cntlid: AtomicU16::new(1),
+            io: IoCounters::default(),
         }
     }
 
