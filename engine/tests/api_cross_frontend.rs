@@ -7,6 +7,10 @@
 //! block sizes and the volume behind them, and none of them caches or reorders what
 //! another one wrote. Each front-end's protocol is tested on its own elsewhere
 //! (nvme_tcp_frontend.rs, frontend::vhost_user_blk::tests, nbd_*.rs).
+//!
+//! Then growth: `volume resize` of a volume under two vhost-user front-ends, one with
+//! the backend request channel QEMU sets up and one without, reaches the first as a
+//! config-change notice and both as the new capacity, and the grown range works.
 
 use std::fs::File;
 use std::time::{Duration, Instant};
@@ -21,7 +25,10 @@ use nvmeof::host::{Controller, HostConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
+    VhostUserProtocolFeatures,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes as _, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -112,12 +119,32 @@ struct Virtio {
     _call: EventFd,
     /// Requests posted so far (the avail index).
     posted: u16,
+    /// The backend request channel, when `BACKEND_REQ` was negotiated.
+    channel: Option<FrontendReqHandler<ConfigNotices>>,
+    notices: std::sync::Arc<ConfigNotices>,
+}
+
+/// What the front-end's side of the backend request channel received.
+#[derive(Debug, Default)]
+struct ConfigNotices(std::sync::atomic::AtomicU64);
+
+impl VhostUserFrontendReqHandler for ConfigNotices {
+    fn handle_config_change(&self) -> vhost::vhost_user::HandlerResult<u64> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(0)
+    }
 }
 
 impl Virtio {
     /// Connects as QEMU would: features, the "guest RAM" (a file both processes map),
     /// then queue 0's size, base, addresses, eventfds, and enables it.
     fn connect(socket: &std::path::Path) -> Res<Self> {
+        Self::connect_with(socket, false)
+    }
+
+    /// `connect`, and with `backend_req` the backend request channel QEMU sets up
+    /// (`BACKEND_REQ` negotiated, `SET_BACKEND_REQ_FD`).
+    fn connect_with(socket: &std::path::Path, backend_req: bool) -> Res<Self> {
         let file: File = tempfile::tempfile()?;
         file.set_len(u64::try_from(RAM_BYTES)?)?;
         let ram = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
@@ -139,7 +166,22 @@ impl Virtio {
         }
         frontend.set_features(wanted)?;
         let proto = frontend.get_protocol_features()?;
-        frontend.set_protocol_features(proto & VhostUserProtocolFeatures::CONFIG)?;
+        let mut wanted = VhostUserProtocolFeatures::CONFIG;
+        if backend_req {
+            wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
+        if !proto.contains(wanted) {
+            return Err(format!("protocol features {proto:?} lack {wanted:?}").into());
+        }
+        frontend.set_protocol_features(wanted)?;
+        let notices = std::sync::Arc::new(ConfigNotices::default());
+        let channel = if backend_req {
+            let h = FrontendReqHandler::new(std::sync::Arc::clone(&notices))?;
+            frontend.set_backend_request_fd(&h.get_tx_raw_fd())?;
+            Some(h)
+        } else {
+            None
+        };
         frontend.set_mem_table(&[info])?;
         let kick = EventFd::new(0)?;
         let call = EventFd::new(0)?;
@@ -166,7 +208,32 @@ impl Virtio {
             kick,
             _call: call,
             posted: 0,
+            channel,
+            notices,
         })
+    }
+
+    /// Handles the messages waiting on the backend request channel (within `wait` for
+    /// the first); returns how many config-change notices have arrived in all.
+    fn take_notices(&mut self, wait: Duration) -> Res<u64> {
+        use std::os::fd::AsRawFd as _;
+        let h = self.channel.as_mut().ok_or("no backend request channel")?;
+        let mut timeout = i32::try_from(wait.as_millis())?;
+        loop {
+            let mut p = libc::pollfd {
+                fd: h.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd that outlives the call; the count says one.
+            let n = unsafe { libc::poll(&mut p, 1, timeout) };
+            if n != 1 || p.revents & libc::POLLIN == 0 {
+                break;
+            }
+            h.handle_request()?;
+            timeout = 0;
+        }
+        Ok(self.notices.0.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// The disk's capacity in 512-byte sectors, from the config space.
@@ -451,6 +518,93 @@ async fn data_written_through_one_front_end_reads_back_through_the_others() -> T
     }
 
     drop(c);
+    d.handle.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_volume_reaches_vhost_user_front_ends_with_and_without_a_backend_channel(
+) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = TestDaemon::start(dir.path()).await?;
+    let ch = connect_unix(d.handle.api_socket()).await?;
+    NodesClient::new(ch.clone())
+        .add(proto::AddNodeRequest {
+            name: "n1".into(),
+            address: "127.0.0.1:4420".into(),
+            nqn: "nqn.2026-11.io.example:n1".into(),
+            domain: None,
+            weight: None,
+        })
+        .await?;
+    let mut volumes = VolumesClient::new(ch.clone());
+    volumes
+        .create(proto::CreateVolumeRequest {
+            name: "v".into(),
+            profile: "scratch".into(),
+            size_bytes: VOLUME_BYTES,
+        })
+        .await?;
+    let mut exports = ExportsClient::new(ch);
+    let dir = d
+        .config
+        .vhost_user_blk
+        .socket_dir
+        .clone()
+        .ok_or("no vhost-user-blk directory")?;
+    for name in ["v-qemu", "v-old"] {
+        let e = exports
+            .add(proto::AddExportRequest {
+                volume: "v".into(),
+                r#type: proto::ExportType::VhostUserBlk.into(),
+                name: Some(name.into()),
+                read_only: false,
+                allowed_hosts: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        assert!(e.served, "{e:?}");
+    }
+    // "v-qemu" negotiates BACKEND_REQ as QEMU does; "v-old" is a front-end without it.
+    let (mut qemu, mut old) = tokio::task::block_in_place(|| -> Res<(Virtio, Virtio)> {
+        let mut qemu = Virtio::connect_with(&dir.join("v-qemu.sock"), true)?;
+        let mut old = Virtio::connect_with(&dir.join("v-old.sock"), false)?;
+        assert_eq!(qemu.capacity()?, VOLUME_BYTES / 512);
+        assert_eq!(old.capacity()?, VOLUME_BYTES / 512);
+        assert_eq!(qemu.take_notices(Duration::from_millis(50))?, 0);
+        qemu.write(VOLUME_BYTES - BLOCK, &pattern(1, 4096))?;
+        Ok((qemu, old))
+    })?;
+
+    let grown = 2 * VOLUME_BYTES;
+    volumes
+        .resize(proto::ResizeVolumeRequest {
+            name: "v".into(),
+            size_bytes: grown,
+        })
+        .await?;
+    tokio::task::block_in_place(|| -> Res<()> {
+        // The resize returns once the notices are out.
+        assert_eq!(
+            qemu.take_notices(Duration::from_secs(5))?,
+            1,
+            "one config-change notice"
+        );
+        assert_eq!(qemu.capacity()?, grown / 512, "GET_CONFIG after the notice");
+        assert_eq!(old.capacity()?, grown / 512, "GET_CONFIG without a channel");
+        // The grown range on the connections made before the resize: written through
+        // one, read back through the other, and the old last block kept.
+        let past = VOLUME_BYTES + 64 * BLOCK;
+        qemu.write(past, &pattern(2, 64 << 10))?;
+        assert_eq!(old.read(past, 64 << 10)?, pattern(2, 64 << 10));
+        old.write(grown - BLOCK, &pattern(3, 4096))?;
+        assert_eq!(qemu.read(grown - BLOCK, 4096)?, pattern(3, 4096));
+        assert_eq!(old.read(VOLUME_BYTES - BLOCK, 4096)?, pattern(1, 4096));
+        assert_eq!(qemu.take_notices(Duration::from_millis(50))?, 1, "no more");
+        Ok(())
+    })?;
+
+    drop((qemu, old));
     d.handle.shutdown().await?;
     Ok(())
 }

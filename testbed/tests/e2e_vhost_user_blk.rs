@@ -5,7 +5,10 @@
 //! process. The guest sees /dev/vda with the volume's size and two queues, fio verifies
 //! crc32c with one job per queue, blkdiscard leaves zeroes, and a second boot of the
 //! guest reconnects to the same socket and reads the same bytes. Bytes written through
-//! one front-end read back identically through the other.
+//! one front-end read back identically through the other. Then `dpuctl volume resize`
+//! grows the volume under the running guest: dpud's config-change notice reaches the
+//! guest's virtio_blk through QEMU, /dev/vda grows, and fio writes and verifies past
+//! the old end (read back through NBD too).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,6 +27,11 @@ const FIO_MIB: u64 = 12;
 const DISCARD_MIB: u64 = 30;
 /// The region both boots hash.
 const REGION_MIB: u64 = 48;
+/// The volume's size, then its size after the resize.
+const SIZE_MIB: u64 = 64;
+const GROWN_MIB: u64 = 96;
+/// What the guest writes past the old end.
+const GROWN_WRITE_MIB: u64 = 4;
 
 /// One binary of a workspace package: the sibling of this test executable when it is
 /// newer than the sources, else built here (as testbed/tests/e2e_dpud.rs does).
@@ -79,7 +87,7 @@ fn qemu_guest_over_dpud_vhost_user_blk_export() {
         "--profile",
         "tb-ec42-zstd-aes",
         "--size",
-        "64MiB",
+        &format!("{SIZE_MIB}MiB"),
     ]);
     let e: Value = serde_json::from_str(&bed.dpuctl(&[
         "-o",
@@ -132,7 +140,16 @@ must fio fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio \
 must discard_range blkdiscard -o {discard_off} -l 1048576 /dev/vda
 must discarded sh -c "dd if=/dev/vda bs=1M skip={discard_mib} count=1 2>/dev/null | sha256sum"
 must region sh -c "dd if=/dev/vda bs=1M count={region_mib} 2>/dev/null | sha256sum"
+wait_host resize
+must resized sh -c 'i=0; while [ "$(cat /sys/block/vda/size)" -lt {grown_sectors} ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done; echo "$(cat /sys/block/vda/size) $i"'
+must grown_fio fio --name=grown --filename=/dev/vda --direct=1 --ioengine=libaio \
+    --iodepth=8 --rw=write --bs=64k --offset={size_mib}M --size={grown_write_mib}M \
+    --verify=crc32c --verify_fatal=1 --output-format=json
+must grown sh -c "dd if=/dev/vda bs=1M skip={size_mib} count={grown_write_mib} 2>/dev/null | sha256sum"
 "#,
+        grown_sectors = GROWN_MIB * MIB / 512,
+        size_mib = SIZE_MIB,
+        grown_write_mib = GROWN_WRITE_MIB,
         nbd_mib = NBD_REGION / MIB,
         job_mib = FIO_MIB / 2,
         discard_off = DISCARD_MIB * MIB,
@@ -141,14 +158,40 @@ must region sh -c "dd if=/dev/vda bs=1M count={region_mib} 2>/dev/null | sha256s
     );
     let _one = guest::exclusive();
     let env = GuestEnv::discover().unwrap_or_else(|e| panic!("{e}"));
-    let run = env
-        .run(guest_config("dpud-vhost-1", script, &socket))
+    let mut running = env
+        .start(guest_config("dpud-vhost-1", script, &socket))
         .unwrap_or_else(|e| panic!("{e}\n{}", bed.dpud_log_tail()));
-    eprintln!("[{:?}] first boot done; {}", t0.elapsed(), run.timings());
+    if let Err(e) = running.wait_for_prompt("resize", Duration::from_secs(300)) {
+        panic!("{e}\n{}", bed.dpud_log_tail());
+    }
+    // Grown under the running guest, its disk in use until a moment ago.
+    let t_resize = Instant::now();
+    bed.dpuctl(&[
+        "volume",
+        "resize",
+        "vv",
+        "--size",
+        &format!("{GROWN_MIB}MiB"),
+    ]);
+    eprintln!(
+        "[{:?}] volume resized to {GROWN_MIB} MiB in {:?}",
+        t0.elapsed(),
+        t_resize.elapsed()
+    );
+    ok(running.send_line("go"));
+    let run = running
+        .finish()
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.dpud_log_tail()));
+    eprintln!(
+        "[{:?}] first boot done ({:?} after the resize); {}",
+        t0.elapsed(),
+        t_resize.elapsed(),
+        run.timings()
+    );
     if let Err(e) = run.check() {
         panic!("{e}\n{}", bed.dpud_log_tail());
     }
-    assert_eq!(sysfs(&run, "sectors") * 512, 64 * MIB);
+    assert_eq!(sysfs(&run, "sectors") * 512, SIZE_MIB * MIB);
     assert_eq!(sysfs(&run, "lbs"), 4096);
     assert_eq!(
         sysfs(&run, "queues"),
@@ -168,6 +211,26 @@ must region sh -c "dd if=/dev/vda bs=1M count={region_mib} 2>/dev/null | sha256s
     let zeroes = testbed::testdata::sha256_hex(&vec![0u8; 1 << 20]).unwrap();
     assert_eq!(guest_sha(&run, "discarded"), zeroes, "discarded range");
     let region = guest_sha(&run, "region");
+    // The resize as the guest saw it: /dev/vda's size, and the tenths of a second it
+    // waited for it after the host said the volume had grown.
+    let resized = ok(run.output("resized"));
+    let (sectors, tenths) = resized
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("resized: {resized:?}"));
+    assert_eq!(
+        sectors.parse::<u64>().unwrap() * 512,
+        GROWN_MIB * MIB,
+        "the guest's disk did not grow (waited {tenths} tenths of a second)\n{}",
+        bed.dpud_log_tail()
+    );
+    eprintln!("guest saw the new size after polling {tenths} x 0.1 s");
+    let (w, r, _) = fio_job(&run, "grown_fio");
+    assert!(
+        w >= GROWN_WRITE_MIB * MIB && r >= w,
+        "fio past the old end wrote {w}, verified {r}"
+    );
+    let grown = guest_sha(&run, "grown");
 
     // vhost-user-blk -> NBD: the same bytes.
     let img = bed.workdir().join("vv.raw");
@@ -190,12 +253,24 @@ must region sh -c "dd if=/dev/vda bs=1M count={region_mib} 2>/dev/null | sha256s
         region,
         "the bytes the guest wrote over vhost-user-blk differ through NBD"
     );
+    assert_eq!(data.len() as u64, GROWN_MIB * MIB, "NBD sees the new size");
+    let (from, to) = (
+        usize::try_from(SIZE_MIB * MIB).unwrap(),
+        usize::try_from((SIZE_MIB + GROWN_WRITE_MIB) * MIB).unwrap(),
+    );
+    assert_eq!(
+        testbed::testdata::sha256_hex(&data[from..to]).unwrap(),
+        grown,
+        "the bytes the guest wrote past the old end differ through NBD"
+    );
 
-    // A second QEMU on the same socket (dpud kept listening) reads the same data.
+    // A second QEMU on the same socket (dpud kept listening) sees the grown disk and
+    // reads the same data.
     let script2 = format!(
         r#"
 modprobe virtio_blk 2>/dev/null
 wait_for_path /dev/vda 100 || fail "no /dev/vda"
+must sectors cat /sys/block/vda/size
 must region sh -c "dd if=/dev/vda bs=1M count={REGION_MIB} 2>/dev/null | sha256sum"
 "#
     );
@@ -206,6 +281,11 @@ must region sh -c "dd if=/dev/vda bs=1M count={REGION_MIB} 2>/dev/null | sha256s
         panic!("{e}\n{}", bed.dpud_log_tail());
     }
     assert_eq!(guest_sha(&run2, "region"), region, "second boot");
+    assert_eq!(
+        sysfs(&run2, "sectors") * 512,
+        GROWN_MIB * MIB,
+        "second boot"
+    );
     let list = bed.dpuctl(&["export", "list"]);
     assert!(list.contains("vv.sock"), "{list}");
     eprintln!("[{:?}] done", t0.elapsed());

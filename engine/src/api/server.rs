@@ -87,6 +87,10 @@ pub trait Frontends: Send + Sync + fmt::Debug {
     fn nvme_target(&self, _export: &ExportRecord) -> Option<(String, String)> {
         None
     }
+    /// The volume `volume` grew: tell the clients of its exports that can hear it (a
+    /// vhost-user-blk config-change notice). May block briefly (socket writes); the
+    /// control plane calls it off the async threads.
+    fn volume_grown(&self, _volume: &str) {}
 }
 
 /// The control plane's state: the store, the engine and the front-ends.
@@ -717,6 +721,11 @@ impl ControlPlane {
         }
         let info = self.service.resize_volume(name, size_bytes).await?;
         tracing::info!(volume = %name, size = size_bytes, "volume resized");
+        let frontends = Arc::clone(&self.frontends);
+        let volume = name.to_owned();
+        if let Err(e) = tokio::task::spawn_blocking(move || frontends.volume_grown(&volume)).await {
+            tracing::warn!(volume = %name, error = %e, "telling the front-ends a volume grew failed");
+        }
         self.one_volume(&info).await
     }
 

@@ -6,7 +6,8 @@
 //! spread over the reactors.
 //!
 //! The store is the truth about exports; this only mirrors it into the running
-//! servers (at start from the store, then on every API change).
+//! servers (at start from the store, then on every API change). A volume that grew is
+//! announced to the vhost-user-blk exports of it (a config-change notice to the VM).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -78,7 +79,15 @@ struct VhostSide {
     dir: PathBuf,
     config: vub::VhostUserBlkConfig,
     reactors: Vec<tokio::runtime::Handle>,
-    exports: Mutex<std::collections::HashMap<String, VhostUserBlkExport>>,
+    exports: Mutex<std::collections::HashMap<String, VhostExport>>,
+}
+
+/// One vhost-user-blk export and the volume behind it.
+#[derive(Debug)]
+struct VhostExport {
+    volume: String,
+    /// Shared so a config-change notice is sent without the map's lock held.
+    export: Arc<VhostUserBlkExport>,
 }
 
 impl DaemonFrontends {
@@ -170,9 +179,15 @@ impl DaemonFrontends {
             .exports
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(export.name.clone(), e);
+            .insert(
+                export.name.clone(),
+                VhostExport {
+                    volume: export.volume.clone(),
+                    export: Arc::new(e),
+                },
+            );
         if let Some(old) = old {
-            old.stop();
+            old.export.stop();
         }
         Ok(())
     }
@@ -187,7 +202,7 @@ impl DaemonFrontends {
             };
         };
         let exports = v.exports.lock().unwrap_or_else(PoisonError::into_inner);
-        match exports.get(&export.name) {
+        match exports.get(&export.name).map(|e| &e.export) {
             Some(e) => ServedState {
                 served: true,
                 detail: format!(
@@ -422,7 +437,7 @@ impl DaemonFrontends {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|(n, e)| (n.clone(), e.stats()))
+            .map(|(n, e)| (n.clone(), e.export.stats()))
             .collect();
         stats.sort_by(|a, b| a.0.cmp(&b.0));
         type Get = fn(&vub::VhostUserBlkStats) -> u64;
@@ -487,12 +502,12 @@ impl DaemonFrontends {
             n.shutdown().await;
         }
         if let Some(v) = &self.vhost {
-            let exports: Vec<VhostUserBlkExport> = v
+            let exports: Vec<Arc<VhostUserBlkExport>> = v
                 .exports
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .drain()
-                .map(|(_, e)| e)
+                .map(|(_, e)| e.export)
                 .collect();
             // Joining waits for requests in flight: off the async threads.
             let _ = tokio::task::spawn_blocking(move || {
@@ -557,8 +572,24 @@ impl Frontends for DaemonFrontends {
                 .remove(name);
             // Cuts the connection and removes the socket; the thread ends on its own.
             if let Some(e) = e {
-                e.stop();
+                e.export.stop();
             }
+        }
+    }
+
+    fn volume_grown(&self, volume: &str) {
+        let Some(v) = &self.vhost else { return };
+        let exports: Vec<Arc<VhostUserBlkExport>> = v
+            .exports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|e| e.volume == volume)
+            .map(|e| Arc::clone(&e.export))
+            .collect();
+        // Each logs what it did; none of the outcomes is an error of the resize.
+        for e in exports {
+            let _ = e.capacity_changed();
         }
     }
 

@@ -4,14 +4,29 @@
 //! One worker thread per queue (so a busy queue never delays another's kicks), and queue
 //! `i` completes on reactor `i mod n`: a multiqueue guest spreads its I/O over the
 //! DPU's cores the way the NVMe driver spreads queues over CPUs.
+//!
+//! A volume can grow under an open connection. The config space always reports the
+//! device's current capacity, and when the front-end negotiated `BACKEND_REQ` (QEMU
+//! does) the back-end tells it with `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the
+//! backend request channel: QEMU then reads the config space again and, when the
+//! capacity changed (the only field it takes from such a notice), raises the guest's
+//! config interrupt, on which virtio_blk resizes the disk. Without that channel the
+//! new size is what the next `GET_CONFIG` returns (a front-end that connects again).
+//!
+//! QEMU drops a notice that arrives while the device is not started (the guest driver
+//! not loaded yet), and a QEMU that reconnects does not read the config space again.
+//! So the export remembers the capacity a front-end last read, and when a front-end
+//! starts the device (`SET_MEM_TABLE`) while that differs from the device's size, the
+//! notice is sent then.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
@@ -48,6 +63,53 @@ pub(crate) struct BlkBackend {
     event_idx: AtomicBool,
     writeback: AtomicBool,
     volatile_cache: bool,
+    backend_req: Channel,
+    /// The capacity (sectors) a front-end of this export last read from the config
+    /// space, across connections; [`NOT_READ`] before any did.
+    announced: Arc<AtomicU64>,
+}
+
+/// `announced` before any front-end read the capacity.
+pub(crate) const NOT_READ: u64 = u64::MAX;
+
+/// What became of a config-change notice.
+#[derive(Debug)]
+pub(crate) enum Notice {
+    /// Sent on the backend request channel.
+    Sent,
+    /// The front-end set up no backend request channel (it did not negotiate
+    /// `BACKEND_REQ`, or has not sent the channel yet).
+    NoChannel,
+    /// Sending failed (the front-end went away); the channel is dropped.
+    Failed(io::Error),
+}
+
+/// The backend request channel, once the front-end has sent it
+/// (`vhost::vhost_user::Backend` is not `Debug`).
+#[derive(Default)]
+struct Channel(Mutex<Option<Backend>>);
+
+impl Channel {
+    fn get(&self) -> Option<Backend> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, backend: Option<Backend>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = backend;
+    }
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.get().is_some() {
+            "Channel(open)"
+        } else {
+            "Channel(none)"
+        })
+    }
 }
 
 impl BlkBackend {
@@ -58,10 +120,11 @@ impl BlkBackend {
         queue_size: u16,
         reactors: Vec<Handle>,
         volatile_cache: bool,
+        announced: Arc<AtomicU64>,
     ) -> Self {
         // Two descriptors of every chain are the header and the status.
         let seg_max = u32::from(queue_size.saturating_sub(2).max(1));
-        let limits = *handler.limits();
+        let limits = handler.limits();
         // size_max * seg_max stays within the largest request the handler accepts.
         let size_max = u32::try_from(limits.max_io_bytes / u64::from(seg_max))
             .unwrap_or(u32::MAX)
@@ -77,6 +140,50 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             writeback: AtomicBool::new(volatile_cache),
             volatile_cache,
+            backend_req: Channel::default(),
+            announced,
+        }
+    }
+
+    /// Sends a config-change notice when the capacity a front-end last read differs
+    /// from the device's: one dropped (the device was not started) or never sent (the
+    /// front-end was disconnected at the resize). QEMU ignores a notice whose capacity
+    /// it already has, so a spare one costs a `GET_CONFIG`.
+    fn announce_if_stale(&self) {
+        let seen = self.announced.load(Ordering::SeqCst);
+        let now = self.handler.limits().size / SECTOR;
+        if seen == NOT_READ || seen == now {
+            return;
+        }
+        match self.notify_config_change() {
+            Notice::Sent => tracing::info!(
+                read = seen,
+                sectors = now,
+                "vhost-user-blk: the front-end has an old capacity; config-change notice sent as the device starts"
+            ),
+            Notice::NoChannel => {}
+            Notice::Failed(e) => tracing::warn!(
+                error = %e,
+                "vhost-user-blk: config-change notice at device start not sent"
+            ),
+        }
+    }
+
+    /// Tells the front-end that the config space changed (the capacity, when the
+    /// volume grew), if it gave a backend request channel. Blocks only on the socket
+    /// write of one message header (no reply is asked for: `REPLY_ACK` is not offered).
+    pub(crate) fn notify_config_change(&self) -> Notice {
+        // Cloned out: the send does not hold the slot's lock.
+        let Some(channel) = self.backend_req.get() else {
+            return Notice::NoChannel;
+        };
+        match channel.handle_config_change() {
+            Ok(_) => Notice::Sent,
+            Err(e) => {
+                // A broken channel stays broken; later notices report NoChannel.
+                self.backend_req.set(None);
+                Notice::Failed(e)
+            }
         }
     }
 
@@ -147,7 +254,15 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // BACKEND_REQ: the channel config-change notices go over (a grown volume).
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        tracing::debug!("vhost-user-blk: backend request channel set up");
+        self.backend_req.set(Some(backend));
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -159,6 +274,13 @@ impl VhostUserBackend for BlkBackend {
         let (Ok(offset), Ok(size)) = (usize::try_from(offset), usize::try_from(size)) else {
             return Vec::new();
         };
+        if offset == 0 && size >= 8 {
+            // What the front-end now holds as the capacity.
+            let mut capacity = [0u8; 8];
+            capacity.copy_from_slice(&c[..8]);
+            self.announced
+                .store(u64::from_le_bytes(capacity), Ordering::SeqCst);
+        }
         // Fields past the ones this device fills (secure erase, zoned) read as zero.
         (offset..offset.saturating_add(size))
             .map(|i| c.get(i).copied().unwrap_or(0))
@@ -182,6 +304,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, _mem: Mem) -> io::Result<()> {
         // The vrings and this back-end share one GuestMemoryAtomic; nothing to swap.
+        // QEMU sends the memory table as it starts the device: a notice it dropped
+        // before, or one a reconnecting QEMU never got, is sent now.
+        self.announce_if_stale();
         Ok(())
     }
 

@@ -89,9 +89,16 @@ impl Handler {
         }
     }
 
-    /// The limits the config space advertises.
-    pub(crate) fn limits(&self) -> &Limits {
-        &self.limits
+    /// The limits the config space advertises and requests are checked against. The
+    /// size is the device's now, in whole blocks: a volume grown while the connection
+    /// is open accepts requests past its old end at once, and the config space reports
+    /// the new capacity to the next `GET_CONFIG` (see `BlkBackend::notify_config_change`).
+    pub(crate) fn limits(&self) -> Limits {
+        let size = self.device.size_bytes();
+        Limits {
+            size: size - size % u64::from(self.limits.block_size.max(1)),
+            ..self.limits
+        }
     }
 
     /// Takes every available chain off queue `q` and starts it on `reactor`.
@@ -103,6 +110,7 @@ impl Handler {
         event_idx: bool,
         reactor: &Handle,
     ) {
+        let limits = self.limits();
         loop {
             if event_idx {
                 // Errors here mean a broken ring; the pops below then find nothing.
@@ -121,7 +129,7 @@ impl Handler {
                     head,
                     chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
                     &guard,
-                    &self.limits,
+                    &limits,
                 );
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 match parsed.op {

@@ -10,6 +10,11 @@
 //! (`backend`), and one listening socket per export that outlives its connections, so a
 //! restarted QEMU reconnects to the same disk.
 //!
+//! A volume that grows under an export ([`VhostUserBlkExport::capacity_changed`]) is
+//! announced to the connected front-end with a config-change notice on the vhost-user
+//! backend request channel, so the guest sees the new capacity without a reconnect
+//! (see `backend`).
+//!
 //! Why a thread per export for the socket: the vhost-user control protocol is
 //! synchronous (blocking reads of small messages with file descriptors attached), and
 //! rust-vmm runs it that way. Those threads carry only control messages and ring kicks;
@@ -25,7 +30,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -36,7 +41,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::backend::BlkBackend;
+use self::backend::{BlkBackend, Notice};
 use self::handler::{Counters, Handler};
 use self::request::{Limits, SECTOR};
 use super::BlockDevice;
@@ -91,6 +96,20 @@ impl Default for VhostUserBlkConfig {
     }
 }
 
+/// What an export did when told its device grew ([`VhostUserBlkExport::capacity_changed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapacityNotice {
+    /// The connected front-end was sent a config-change notice.
+    Sent,
+    /// No front-end is connected: the next one reads the new capacity.
+    NotConnected,
+    /// The front-end gave no backend request channel (it did not negotiate
+    /// `BACKEND_REQ`): the new capacity is what its next `GET_CONFIG` returns.
+    NoChannel,
+    /// The notice could not be sent (the front-end is going away); the export goes on.
+    Failed(String),
+}
+
 /// Counters of one export (all connections it had).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VhostUserBlkStats {
@@ -119,6 +138,10 @@ struct Shared {
     stopping: AtomicBool,
     stop_event: EventFd,
     current: Mutex<Option<ShutdownHandle>>,
+    /// The connected front-end's back-end (for config-change notices).
+    backend: Mutex<Option<Arc<BlkBackend>>>,
+    /// The capacity a front-end last read, across connections (see `backend`).
+    announced: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -220,6 +243,8 @@ impl VhostUserBlkExport {
             stopping: AtomicBool::new(false),
             stop_event: EventFd::new(libc::EFD_NONBLOCK).map_err(socket_err)?,
             current: Mutex::new(None),
+            backend: Mutex::new(None),
+            announced: Arc::new(AtomicU64::new(backend::NOT_READ)),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -255,6 +280,42 @@ impl VhostUserBlkExport {
             written_bytes: get(&c.written_bytes),
             errors: get(&c.errors),
             malformed: get(&c.malformed),
+        }
+    }
+
+    /// Tells the connected front-end that the device's capacity changed (the volume
+    /// grew): the config space already reports the device's current size, and with a
+    /// backend request channel the front-end is sent
+    /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, on which QEMU re-reads the config space
+    /// and interrupts the guest. Never fails the export: without a channel, or when the
+    /// send fails, the new size is still what the next `GET_CONFIG` returns. Blocking
+    /// (one socket write); call off the reactors.
+    pub fn capacity_changed(&self) -> CapacityNotice {
+        let name = &self.shared.name;
+        let sectors = self.shared.device.size_bytes() / SECTOR;
+        let backend = self
+            .shared
+            .backend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(backend) = backend else {
+            tracing::info!(export = %name, sectors, "vhost-user-blk: capacity changed; no front-end connected, the next one reads the new size");
+            return CapacityNotice::NotConnected;
+        };
+        match backend.notify_config_change() {
+            Notice::Sent => {
+                tracing::info!(export = %name, sectors, "vhost-user-blk: capacity changed; config-change notice sent to the front-end");
+                CapacityNotice::Sent
+            }
+            Notice::NoChannel => {
+                tracing::info!(export = %name, sectors, "vhost-user-blk: capacity changed; the front-end has no backend request channel (BACKEND_REQ not negotiated), it sees the new size on its next GET_CONFIG");
+                CapacityNotice::NoChannel
+            }
+            Notice::Failed(e) => {
+                tracing::warn!(export = %name, sectors, error = %e, "vhost-user-blk: capacity changed; the config-change notice could not be sent, the front-end sees the new size on its next GET_CONFIG");
+                CapacityNotice::Failed(e.to_string())
+            }
         }
     }
 
@@ -359,9 +420,13 @@ fn serve(shared: &Arc<Shared>, listener: UnixListener) {
             shared.config.queue_size,
             shared.reactors.clone(),
             shared.device.volatile_write_cache(),
+            Arc::clone(&shared.announced),
         ));
-        let mut daemon = match VhostUserDaemon::new(format!("vhost-{}", shared.name), backend, mem)
-        {
+        let mut daemon = match VhostUserDaemon::new(
+            format!("vhost-{}", shared.name),
+            Arc::clone(&backend),
+            mem,
+        ) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(export = %shared.name, error = %e, "vhost-user-blk: cannot set up a connection");
@@ -377,6 +442,10 @@ fn serve(shared: &Arc<Shared>, listener: UnixListener) {
             .current
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = daemon.shutdown_handle();
+        *shared
+            .backend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&backend));
         if shared.stopping.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         }
@@ -391,6 +460,10 @@ fn serve(shared: &Arc<Shared>, listener: UnixListener) {
         }
         *shared
             .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        *shared
+            .backend
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
         // Joins the vring workers: no chain is popped after this.

@@ -662,7 +662,15 @@ fn config_space_and_features() {
         Arc::new(Counters::default()),
     ));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let b = BlkBackend::new(handler, mem.clone(), 4, 256, Vec::new(), false);
+    let b = BlkBackend::new(
+        handler,
+        mem.clone(),
+        4,
+        256,
+        Vec::new(),
+        false,
+        Arc::default(),
+    );
     let c = b.get_config(0, 60);
     let le32 = |at: usize| u32::from_le_bytes([c[at], c[at + 1], c[at + 2], c[at + 3]]);
     let capacity = u64::from_le_bytes(c[0..8].try_into().unwrap());
@@ -697,7 +705,7 @@ fn config_space_and_features() {
         1,
         Arc::new(Counters::default()),
     ));
-    let b = BlkBackend::new(handler, mem, 1, 256, Vec::new(), false);
+    let b = BlkBackend::new(handler, mem, 1, 256, Vec::new(), false, Arc::default());
     let f = b.features();
     assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
@@ -742,4 +750,354 @@ fn socket_accepts_again_after_a_disconnect_and_stops_cleanly() {
     }
     export.stop_and_wait();
     assert!(!path.exists(), "socket file removed");
+}
+
+/// A device whose size the test grows, as `VolumeDevice::grow` does (the bytes behind
+/// it are there from the start).
+#[derive(Debug)]
+struct Growable {
+    inner: MemoryDevice,
+    size: std::sync::atomic::AtomicU64,
+}
+
+impl Growable {
+    fn new(size: u64, room: u64) -> Self {
+        Self {
+            inner: MemoryDevice::new(room, 4096),
+            size: size.into(),
+        }
+    }
+
+    fn grow(&self, size: u64) {
+        self.size.store(size, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl BlockDevice for Growable {
+    fn size_bytes(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn volatile_write_cache(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, len: u64) -> DeviceFuture<'_, Vec<u8>> {
+        self.inner.read(offset, len)
+    }
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> DeviceFuture<'_, ()> {
+        self.inner.write(offset, data, fua)
+    }
+    fn flush(&self) -> DeviceFuture<'_, ()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> DeviceFuture<'_, ()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> DeviceFuture<'_, ()> {
+        self.inner.write_zeroes(offset, len, fua)
+    }
+}
+
+#[test]
+fn requests_past_the_old_end_work_once_the_device_grew() {
+    let dev = Arc::new(Growable::new(DEV_BYTES, 2 * DEV_BYTES));
+    let mut r = rig_with(
+        Arc::clone(&dev) as Arc<dyn BlockDevice>,
+        VhostUserBlkConfig::default(),
+    );
+    let sector = DEV_BYTES / 512;
+    let data = pattern(9, 4096);
+    let (st, _, _) = r.run(&[rd(header(T_OUT, sector)), rd(data.clone()), wr(1)]);
+    assert_eq!(st, S_IOERR, "past the end before the grow");
+    dev.grow(2 * DEV_BYTES);
+    // The same connection (handler) takes the grown range.
+    let (st, _, _) = r.run(&[rd(header(T_OUT, sector)), rd(data.clone()), wr(1)]);
+    assert_eq!(st, 0, "write past the old end after the grow");
+    let (st, len, placed) = r.run(&[rd(header(T_IN, sector)), wr(4096), wr(1)]);
+    assert_eq!((st, len), (0, 4097));
+    assert_eq!(r.bytes(placed[1].0, 4096), data);
+    let (st, _, _) = r.run(&[rd(header(T_IN, 2 * sector)), wr(4096), wr(1)]);
+    assert_eq!(st, S_IOERR, "past the new end");
+}
+
+mod config_change {
+    //! The export's config-change notice, seen by a vhost-user front-end (vhost's own
+    //! front-end code, as a VMM would use it) over the export's socket.
+
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::{
+        Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
+        VhostUserProtocolFeatures,
+    };
+    use vhost::VhostBackend;
+
+    use super::{Growable, DEV_BYTES};
+    use crate::frontend::vhost_user_blk::{CapacityNotice, VhostUserBlkConfig, VhostUserBlkExport};
+
+    const VERSION_1: u64 = 1 << 32;
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+    /// The front-end's side of the backend request channel: counts notices.
+    #[derive(Debug, Default)]
+    struct Notices(AtomicU64);
+
+    impl VhostUserFrontendReqHandler for Notices {
+        fn handle_config_change(&self) -> vhost::vhost_user::HandlerResult<u64> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(0)
+        }
+    }
+
+    struct Vmm {
+        frontend: Frontend,
+        channel: Option<FrontendReqHandler<Notices>>,
+        notices: Arc<Notices>,
+    }
+
+    impl Vmm {
+        /// Connects and negotiates as QEMU does, with or without `BACKEND_REQ`, and
+        /// reads the capacity as QEMU does when it creates the device.
+        fn connect(path: &Path, backend_req: bool) -> Self {
+            let mut vmm = Self::reconnect(path, backend_req);
+            vmm.capacity();
+            vmm
+        }
+
+        /// Connects and negotiates as a QEMU that reconnects does: no `GET_CONFIG`.
+        fn reconnect(path: &Path, backend_req: bool) -> Self {
+            let mut frontend = Frontend::connect(path, 1).unwrap();
+            frontend.set_owner().unwrap();
+            let offered = frontend.get_features().unwrap();
+            assert_eq!(offered & PROTOCOL_FEATURES, PROTOCOL_FEATURES);
+            frontend
+                .set_features(VERSION_1 | PROTOCOL_FEATURES)
+                .unwrap();
+            let proto = frontend.get_protocol_features().unwrap();
+            assert!(
+                proto.contains(VhostUserProtocolFeatures::BACKEND_REQ),
+                "{proto:?}"
+            );
+            let mut wanted = VhostUserProtocolFeatures::CONFIG;
+            if backend_req {
+                wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+            }
+            frontend.set_protocol_features(wanted).unwrap();
+            let notices = Arc::new(Notices::default());
+            let channel = backend_req.then(|| {
+                let h = FrontendReqHandler::new(Arc::clone(&notices)).unwrap();
+                frontend.set_backend_request_fd(&h.get_tx_raw_fd()).unwrap();
+                h
+            });
+            let vmm = Self {
+                frontend,
+                channel,
+                notices,
+            };
+            // A round trip: the back-end has taken every message above.
+            vmm.frontend.get_features().unwrap();
+            vmm
+        }
+
+        /// Sends the memory table, as QEMU does when it starts the device.
+        fn start(&mut self) {
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(1 << 20).unwrap();
+            let ram = vm_memory::GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+                vm_memory::GuestAddress(0),
+                1 << 20,
+                Some(vm_memory::FileOffset::new(file, 0)),
+            )])
+            .unwrap();
+            let region = vm_memory::GuestMemoryBackend::iter(&ram).next().unwrap();
+            let info = vhost::VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+            self.frontend.set_mem_table(&[info]).unwrap();
+            // A round trip: the back-end has handled the table.
+            self.frontend.get_features().unwrap();
+        }
+
+        fn capacity(&mut self) -> u64 {
+            let (_, c) = self
+                .frontend
+                .get_config(0, 8, VhostUserConfigFlags::empty(), &[0; 8])
+                .unwrap();
+            u64::from_le_bytes(c[..8].try_into().unwrap())
+        }
+
+        /// Handles one message of the backend channel if one comes within `wait`.
+        fn take_notice(&mut self, wait: Duration) -> bool {
+            let h = self.channel.as_mut().expect("a backend channel");
+            if !readable(h.as_raw_fd(), wait) {
+                return false;
+            }
+            h.handle_request().unwrap();
+            true
+        }
+    }
+
+    fn readable(fd: RawFd, wait: Duration) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd that outlives the call; the count says one.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        n == 1 && p.revents & libc::POLLIN != 0
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_grown_device_is_announced_on_the_backend_channel() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol0.sock");
+        let dev = Arc::new(Growable::new(DEV_BYTES, 4 * DEV_BYTES));
+        let export = VhostUserBlkExport::start(
+            "vol0",
+            &path,
+            Arc::clone(&dev) as _,
+            VhostUserBlkConfig::default(),
+            vec![rt.handle().clone()],
+        )
+        .unwrap();
+        assert_eq!(export.capacity_changed(), CapacityNotice::NotConnected);
+
+        let mut vmm = Vmm::connect(&path, true);
+        assert_eq!(vmm.capacity(), DEV_BYTES / 512);
+        assert!(!vmm.take_notice(Duration::from_millis(100)), "nothing yet");
+        dev.grow(2 * DEV_BYTES);
+        assert_eq!(export.capacity_changed(), CapacityNotice::Sent);
+        assert!(
+            vmm.take_notice(Duration::from_secs(5)),
+            "no config-change notice"
+        );
+        assert_eq!(vmm.notices.0.load(Ordering::SeqCst), 1);
+        // What QEMU does on the notice: read the config space again.
+        assert_eq!(vmm.capacity(), 2 * DEV_BYTES / 512);
+
+        // A front-end whose backend channel is gone: the send fails, the export and
+        // the connection go on, and the new size is still what GET_CONFIG says.
+        vmm.channel = None;
+        dev.grow(3 * DEV_BYTES);
+        assert!(matches!(
+            export.capacity_changed(),
+            CapacityNotice::Failed(_)
+        ));
+        assert_eq!(vmm.capacity(), 3 * DEV_BYTES / 512);
+        assert_eq!(export.capacity_changed(), CapacityNotice::NoChannel);
+        drop(vmm);
+
+        // A front-end that connects after the grow reads the new size, and hears of
+        // the next one.
+        let mut vmm = Vmm::connect(&path, true);
+        assert_eq!(vmm.capacity(), 3 * DEV_BYTES / 512);
+        dev.grow(4 * DEV_BYTES);
+        assert_eq!(export.capacity_changed(), CapacityNotice::Sent);
+        assert!(vmm.take_notice(Duration::from_secs(5)));
+        assert_eq!(vmm.capacity(), 4 * DEV_BYTES / 512);
+        drop(vmm);
+        export.stop_and_wait();
+    }
+
+    #[test]
+    fn a_front_end_with_an_old_capacity_is_told_when_it_starts_the_device() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol0.sock");
+        let dev = Arc::new(Growable::new(DEV_BYTES, 4 * DEV_BYTES));
+        let export = VhostUserBlkExport::start(
+            "vol0",
+            &path,
+            Arc::clone(&dev) as _,
+            VhostUserBlkConfig::default(),
+            vec![rt.handle().clone()],
+        )
+        .unwrap();
+        let disconnected = |export: &VhostUserBlkExport| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while export.stats().connected {
+                assert!(std::time::Instant::now() < deadline, "still connected");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let mut vmm = Vmm::connect(&path, true);
+        assert_eq!(vmm.capacity(), DEV_BYTES / 512);
+        vmm.start();
+        assert!(
+            !vmm.take_notice(Duration::from_millis(100)),
+            "capacity current"
+        );
+        drop(vmm);
+        disconnected(&export);
+
+        // Grown while QEMU was away; it reconnects without reading the config space.
+        dev.grow(2 * DEV_BYTES);
+        assert_eq!(export.capacity_changed(), CapacityNotice::NotConnected);
+        let mut vmm = Vmm::reconnect(&path, true);
+        assert!(
+            !vmm.take_notice(Duration::from_millis(100)),
+            "not before start"
+        );
+        vmm.start();
+        assert!(
+            vmm.take_notice(Duration::from_secs(5)),
+            "no notice at start"
+        );
+        assert_eq!(vmm.capacity(), 2 * DEV_BYTES / 512);
+        drop(vmm);
+        disconnected(&export);
+
+        // Nothing changed since it read the capacity: no notice.
+        let mut vmm = Vmm::reconnect(&path, true);
+        vmm.start();
+        assert!(
+            !vmm.take_notice(Duration::from_millis(200)),
+            "a spare notice"
+        );
+        drop(vmm);
+        export.stop_and_wait();
+    }
+
+    #[test]
+    fn without_a_backend_channel_get_config_reports_the_new_size() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol0.sock");
+        let dev = Arc::new(Growable::new(DEV_BYTES, 2 * DEV_BYTES));
+        let export = VhostUserBlkExport::start(
+            "vol0",
+            &path,
+            Arc::clone(&dev) as _,
+            VhostUserBlkConfig::default(),
+            vec![rt.handle().clone()],
+        )
+        .unwrap();
+        let mut vmm = Vmm::connect(&path, false);
+        assert_eq!(vmm.capacity(), DEV_BYTES / 512);
+        dev.grow(2 * DEV_BYTES);
+        assert_eq!(export.capacity_changed(), CapacityNotice::NoChannel);
+        assert_eq!(vmm.capacity(), 2 * DEV_BYTES / 512);
+        assert_eq!(vmm.notices.0.load(Ordering::SeqCst), 0);
+        drop(vmm);
+        export.stop_and_wait();
+    }
 }
