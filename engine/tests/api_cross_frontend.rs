@@ -168,7 +168,8 @@ impl Virtio {
         let proto = frontend.get_protocol_features()?;
         let mut wanted = VhostUserProtocolFeatures::CONFIG;
         if backend_req {
-            wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+            // As QEMU negotiates them.
+            wanted |= VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK;
         }
         if !proto.contains(wanted) {
             return Err(format!("protocol features {proto:?} lack {wanted:?}").into());
@@ -577,12 +578,20 @@ async fn a_grown_volume_reaches_vhost_user_front_ends_with_and_without_a_backend
     })?;
 
     let grown = 2 * VOLUME_BYTES;
+    let t = Instant::now();
     volumes
         .resize(proto::ResizeVolumeRequest {
             name: "v".into(),
             size_bytes: grown,
         })
         .await?;
+    // Notices ask for no reply: the resize does not wait for the front-end (which
+    // answers nothing until it is polled below).
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the resize took {:?}",
+        t.elapsed()
+    );
     tokio::task::block_in_place(|| -> Res<()> {
         // The resize returns once the notices are out.
         assert_eq!(

@@ -721,10 +721,18 @@ impl ControlPlane {
         }
         let info = self.service.resize_volume(name, size_bytes).await?;
         tracing::info!(volume = %name, size = size_bytes, "volume resized");
+        // The notices are socket writes; a stuck peer does not hold the reply up.
         let frontends = Arc::clone(&self.frontends);
         let volume = name.to_owned();
-        if let Err(e) = tokio::task::spawn_blocking(move || frontends.volume_grown(&volume)).await {
-            tracing::warn!(volume = %name, error = %e, "telling the front-ends a volume grew failed");
+        let notify = tokio::task::spawn_blocking(move || frontends.volume_grown(&volume));
+        match tokio::time::timeout(std::time::Duration::from_secs(5), notify).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(volume = %name, error = %e, "telling the front-ends a volume grew failed");
+            }
+            Err(_) => {
+                tracing::warn!(volume = %name, "telling the front-ends a volume grew takes over 5 s; not waited for");
+            }
         }
         self.one_volume(&info).await
     }

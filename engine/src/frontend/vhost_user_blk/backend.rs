@@ -72,7 +72,8 @@ pub(crate) struct BlkBackend {
 /// `announced` before any front-end read the capacity.
 pub(crate) const NOT_READ: u64 = u64::MAX;
 
-/// What became of a config-change notice.
+/// What became of a config-change notice (sent means written to the socket: no
+/// reply is asked for).
 #[derive(Debug)]
 pub(crate) enum Notice {
     /// Sent on the backend request channel.
@@ -262,6 +263,12 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_backend_req_fd(&self, backend: Backend) {
         tracing::debug!("vhost-user-blk: backend request channel set up");
+        // With REPLY_ACK negotiated (QEMU does; the library always offers it) the
+        // library would ask for a reply to every notice and wait for it. QEMU answers
+        // from its main loop, which may itself be waiting for this back-end (a notice
+        // sent while it handles SET_MEM_TABLE would deadlock both), so notices go
+        // without asking for a reply (`need_reply` is the sender's choice).
+        backend.set_reply_ack_flag(false);
         self.backend_req.set(Some(backend));
     }
 

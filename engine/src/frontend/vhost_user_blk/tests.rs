@@ -888,7 +888,15 @@ mod config_change {
                 proto.contains(VhostUserProtocolFeatures::BACKEND_REQ),
                 "{proto:?}"
             );
-            let mut wanted = VhostUserProtocolFeatures::CONFIG;
+            // REPLY_ACK as QEMU negotiates it: the back-end must not wait for replies
+            // to its notices (this front-end, like QEMU's main loop, handles one thing
+            // at a time).
+            assert!(
+                proto.contains(VhostUserProtocolFeatures::REPLY_ACK),
+                "{proto:?}"
+            );
+            let mut wanted =
+                VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
             if backend_req {
                 wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
             }
@@ -957,6 +965,34 @@ mod config_change {
         n == 1 && p.revents & libc::POLLIN != 0
     }
 
+    /// Runs `f` on a thread of its own and returns its result, failing the test when
+    /// it takes over 5 s (a back-end waiting for a reply this front-end cannot send
+    /// while it waits itself).
+    fn finishes<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let t = std::thread::spawn(f);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !t.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "{what}: blocked");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        t.join().unwrap()
+    }
+
+    /// `export.capacity_changed()`, within 5 s.
+    fn changed(export: &Arc<VhostUserBlkExport>) -> CapacityNotice {
+        let e = Arc::clone(export);
+        finishes("capacity_changed", move || e.capacity_changed())
+    }
+
+    /// `vmm.start()`, within 5 s.
+    fn start(vmm: Vmm) -> Vmm {
+        finishes("SET_MEM_TABLE", move || {
+            let mut vmm = vmm;
+            vmm.start();
+            vmm
+        })
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -971,21 +1007,23 @@ mod config_change {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vol0.sock");
         let dev = Arc::new(Growable::new(DEV_BYTES, 4 * DEV_BYTES));
-        let export = VhostUserBlkExport::start(
-            "vol0",
-            &path,
-            Arc::clone(&dev) as _,
-            VhostUserBlkConfig::default(),
-            vec![rt.handle().clone()],
-        )
-        .unwrap();
-        assert_eq!(export.capacity_changed(), CapacityNotice::NotConnected);
+        let export = Arc::new(
+            VhostUserBlkExport::start(
+                "vol0",
+                &path,
+                Arc::clone(&dev) as _,
+                VhostUserBlkConfig::default(),
+                vec![rt.handle().clone()],
+            )
+            .unwrap(),
+        );
+        assert_eq!(changed(&export), CapacityNotice::NotConnected);
 
         let mut vmm = Vmm::connect(&path, true);
         assert_eq!(vmm.capacity(), DEV_BYTES / 512);
         assert!(!vmm.take_notice(Duration::from_millis(100)), "nothing yet");
         dev.grow(2 * DEV_BYTES);
-        assert_eq!(export.capacity_changed(), CapacityNotice::Sent);
+        assert_eq!(changed(&export), CapacityNotice::Sent);
         assert!(
             vmm.take_notice(Duration::from_secs(5)),
             "no config-change notice"
@@ -998,12 +1036,9 @@ mod config_change {
         // the connection go on, and the new size is still what GET_CONFIG says.
         vmm.channel = None;
         dev.grow(3 * DEV_BYTES);
-        assert!(matches!(
-            export.capacity_changed(),
-            CapacityNotice::Failed(_)
-        ));
+        assert!(matches!(changed(&export), CapacityNotice::Failed(_)));
         assert_eq!(vmm.capacity(), 3 * DEV_BYTES / 512);
-        assert_eq!(export.capacity_changed(), CapacityNotice::NoChannel);
+        assert_eq!(changed(&export), CapacityNotice::NoChannel);
         drop(vmm);
 
         // A front-end that connects after the grow reads the new size, and hears of
@@ -1011,7 +1046,7 @@ mod config_change {
         let mut vmm = Vmm::connect(&path, true);
         assert_eq!(vmm.capacity(), 3 * DEV_BYTES / 512);
         dev.grow(4 * DEV_BYTES);
-        assert_eq!(export.capacity_changed(), CapacityNotice::Sent);
+        assert_eq!(changed(&export), CapacityNotice::Sent);
         assert!(vmm.take_notice(Duration::from_secs(5)));
         assert_eq!(vmm.capacity(), 4 * DEV_BYTES / 512);
         drop(vmm);
@@ -1024,15 +1059,17 @@ mod config_change {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vol0.sock");
         let dev = Arc::new(Growable::new(DEV_BYTES, 4 * DEV_BYTES));
-        let export = VhostUserBlkExport::start(
-            "vol0",
-            &path,
-            Arc::clone(&dev) as _,
-            VhostUserBlkConfig::default(),
-            vec![rt.handle().clone()],
-        )
-        .unwrap();
-        let disconnected = |export: &VhostUserBlkExport| {
+        let export = Arc::new(
+            VhostUserBlkExport::start(
+                "vol0",
+                &path,
+                Arc::clone(&dev) as _,
+                VhostUserBlkConfig::default(),
+                vec![rt.handle().clone()],
+            )
+            .unwrap(),
+        );
+        let disconnected = |export: &Arc<VhostUserBlkExport>| {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while export.stats().connected {
                 assert!(std::time::Instant::now() < deadline, "still connected");
@@ -1041,7 +1078,7 @@ mod config_change {
         };
         let mut vmm = Vmm::connect(&path, true);
         assert_eq!(vmm.capacity(), DEV_BYTES / 512);
-        vmm.start();
+        let mut vmm = start(vmm);
         assert!(
             !vmm.take_notice(Duration::from_millis(100)),
             "capacity current"
@@ -1051,13 +1088,13 @@ mod config_change {
 
         // Grown while QEMU was away; it reconnects without reading the config space.
         dev.grow(2 * DEV_BYTES);
-        assert_eq!(export.capacity_changed(), CapacityNotice::NotConnected);
+        assert_eq!(changed(&export), CapacityNotice::NotConnected);
         let mut vmm = Vmm::reconnect(&path, true);
         assert!(
             !vmm.take_notice(Duration::from_millis(100)),
             "not before start"
         );
-        vmm.start();
+        let mut vmm = start(vmm);
         assert!(
             vmm.take_notice(Duration::from_secs(5)),
             "no notice at start"
@@ -1067,8 +1104,8 @@ mod config_change {
         disconnected(&export);
 
         // Nothing changed since it read the capacity: no notice.
-        let mut vmm = Vmm::reconnect(&path, true);
-        vmm.start();
+        let vmm = Vmm::reconnect(&path, true);
+        let mut vmm = start(vmm);
         assert!(
             !vmm.take_notice(Duration::from_millis(200)),
             "a spare notice"
@@ -1083,18 +1120,20 @@ mod config_change {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vol0.sock");
         let dev = Arc::new(Growable::new(DEV_BYTES, 2 * DEV_BYTES));
-        let export = VhostUserBlkExport::start(
-            "vol0",
-            &path,
-            Arc::clone(&dev) as _,
-            VhostUserBlkConfig::default(),
-            vec![rt.handle().clone()],
-        )
-        .unwrap();
+        let export = Arc::new(
+            VhostUserBlkExport::start(
+                "vol0",
+                &path,
+                Arc::clone(&dev) as _,
+                VhostUserBlkConfig::default(),
+                vec![rt.handle().clone()],
+            )
+            .unwrap(),
+        );
         let mut vmm = Vmm::connect(&path, false);
         assert_eq!(vmm.capacity(), DEV_BYTES / 512);
         dev.grow(2 * DEV_BYTES);
-        assert_eq!(export.capacity_changed(), CapacityNotice::NoChannel);
+        assert_eq!(changed(&export), CapacityNotice::NoChannel);
         assert_eq!(vmm.capacity(), 2 * DEV_BYTES / 512);
         assert_eq!(vmm.notices.0.load(Ordering::SeqCst), 0);
         drop(vmm);
