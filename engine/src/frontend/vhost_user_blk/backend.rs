@@ -172,7 +172,7 @@ impl BlkBackend {
 
     /// Tells the front-end that the config space changed (the capacity, when the
     /// volume grew), if it gave a backend request channel. Blocks only on the socket
-    /// write of one message header (no reply is asked for: `REPLY_ACK` is not offered).
+    /// write of one message header: no reply is asked for (see `set_backend_req_fd`).
     pub(crate) fn notify_config_change(&self) -> Notice {
         // Cloned out: the send does not hold the slot's lock.
         let Some(channel) = self.backend_req.get() else {
