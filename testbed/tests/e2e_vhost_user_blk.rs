@@ -8,7 +8,10 @@
 //! one front-end read back identically through the other. Then `dpuctl volume resize`
 //! grows the volume under the running guest: dpud's config-change notice reaches the
 //! guest's virtio_blk through QEMU, /dev/vda grows, and fio writes and verifies past
-//! the old end (read back through NBD too).
+//! the old end (read back through NBD too). The second boot's QEMU reads 96 MiB when
+//! it creates the device; the volume then grows to 128 MiB before the guest loads
+//! virtio_blk: QEMU drops the notice (its device is not started), and dpud sends it
+//! again when QEMU starts the device, so the guest ends up with 128 MiB.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,9 +30,11 @@ const FIO_MIB: u64 = 12;
 const DISCARD_MIB: u64 = 30;
 /// The region both boots hash.
 const REGION_MIB: u64 = 48;
-/// The volume's size, then its size after the resize.
+/// The volume's size, its size after the resize under the running guest, and after the
+/// one while the second guest's driver is not loaded yet.
 const SIZE_MIB: u64 = 64;
 const GROWN_MIB: u64 = 96;
+const GROWN2_MIB: u64 = 128;
 /// What the guest writes past the old end.
 const GROWN_WRITE_MIB: u64 = 4;
 
@@ -264,27 +269,55 @@ must grown sh -c "dd if=/dev/vda bs=1M skip={size_mib} count={grown_write_mib} 2
         "the bytes the guest wrote past the old end differ through NBD"
     );
 
-    // A second QEMU on the same socket (dpud kept listening) sees the grown disk and
-    // reads the same data.
+    // A second QEMU on the same socket (dpud kept listening) reads the same data, and
+    // sees the volume grown while its guest had not started the device.
     let script2 = format!(
         r#"
+wait_host resize2
 modprobe virtio_blk 2>/dev/null
 wait_for_path /dev/vda 100 || fail "no /dev/vda"
-must sectors cat /sys/block/vda/size
+must sectors sh -c 'i=0; while [ "$(cat /sys/block/vda/size)" -lt {grown2_sectors} ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done; echo "$(cat /sys/block/vda/size) $i"'
 must region sh -c "dd if=/dev/vda bs=1M count={REGION_MIB} 2>/dev/null | sha256sum"
-"#
+"#,
+        grown2_sectors = GROWN2_MIB * MIB / 512,
     );
-    let run2 = env
-        .run(guest_config("dpud-vhost-2", script2, &socket))
+    let mut running = env
+        .start(guest_config("dpud-vhost-2", script2, &socket))
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.dpud_log_tail()));
+    if let Err(e) = running.wait_for_prompt("resize2", Duration::from_secs(300)) {
+        panic!("{e}\n{}", bed.dpud_log_tail());
+    }
+    // QEMU has read the config space (96 MiB); the guest has no virtio_blk yet.
+    bed.dpuctl(&[
+        "volume",
+        "resize",
+        "vv",
+        "--size",
+        &format!("{GROWN2_MIB}MiB"),
+    ]);
+    ok(running.send_line("go"));
+    let run2 = running
+        .finish()
         .unwrap_or_else(|e| panic!("{e}\n{}", bed.dpud_log_tail()));
     if let Err(e) = run2.check() {
         panic!("{e}\n{}", bed.dpud_log_tail());
     }
     assert_eq!(guest_sha(&run2, "region"), region, "second boot");
+    let sectors = ok(run2.output("sectors"));
+    let (sectors, tenths) = sectors
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("sectors: {sectors:?}"));
     assert_eq!(
-        sysfs(&run2, "sectors") * 512,
-        GROWN_MIB * MIB,
-        "second boot"
+        sectors.parse::<u64>().unwrap() * 512,
+        GROWN2_MIB * MIB,
+        "second boot: grown before the driver started the device (waited {tenths} tenths of a second)\n{}",
+        bed.dpud_log_tail()
+    );
+    eprintln!(
+        "[{:?}] second boot done; grown to {GROWN2_MIB} MiB after polling {tenths} x 0.1 s; {}",
+        t0.elapsed(),
+        run2.timings()
     );
     let list = bed.dpuctl(&["export", "list"]);
     assert!(list.contains("vv.sock"), "{list}");
