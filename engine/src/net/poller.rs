@@ -335,24 +335,9 @@ mod tests {
     use crate::net::packet::{build, MacAddr};
     use crate::net::switch::NetworkId;
 
-    #[test]
-    fn cpu_share_pauses() {
-        let s = CpuShare::permille(250);
-        assert_eq!(
-            s.pause_after(1_000_000),
-            std::time::Duration::from_millis(3)
-        );
-        assert_eq!(
-            CpuShare::permille(1000).pause_after(5),
-            std::time::Duration::ZERO
-        );
-        assert_eq!(CpuShare::permille(0).get(), 1);
-    }
-
-    /// A poller with a never-ending supply of frames, run under a 25% share, uses
-    /// no more than about a quarter of the wall time in CPU.
-    #[test]
-    fn the_share_holds_under_a_flood() {
+    /// A poller that allows every frame, with memory ports "a" and "b" on VLAN 1, and
+    /// a frame to feed into "a" (its destination is unknown, so it floods to "b").
+    fn two_port_poller() -> (Poller, MemoryPort, MemoryPort, Vec<u8>) {
         let mut dp = Dataplane::new(DataplaneConfig {
             allow_non_ip: true,
             ..Default::default()
@@ -375,6 +360,28 @@ mod tests {
         p.attach(cfg("b"), Box::new(b.clone()), Box::new(b.clone()))
             .unwrap();
         let f = build::ethernet(MacAddr([2; 6]), MacAddr([4; 6]), None, 0x88b5, &[0; 46]);
+        (p, a, b, f)
+    }
+
+    #[test]
+    fn cpu_share_pauses() {
+        let s = CpuShare::permille(250);
+        assert_eq!(
+            s.pause_after(1_000_000),
+            std::time::Duration::from_millis(3)
+        );
+        assert_eq!(
+            CpuShare::permille(1000).pause_after(5),
+            std::time::Duration::ZERO
+        );
+        assert_eq!(CpuShare::permille(0).get(), 1);
+    }
+
+    /// A poller with a never-ending supply of frames, run under a 25% share, uses
+    /// no more than about a quarter of the wall time in CPU.
+    #[test]
+    fn the_share_holds_under_a_flood() {
+        let (mut p, a, b, f) = two_port_poller();
         let share = CpuShare::permille(250);
         let start = std::time::Instant::now();
         let cpu0 = crate::net::afpacket::thread_cpu_ns();
@@ -404,28 +411,7 @@ mod tests {
 
     #[test]
     fn turns_respect_the_budget_and_move_frames() {
-        let mut dp = Dataplane::new(DataplaneConfig {
-            allow_non_ip: true,
-            ..Default::default()
-        });
-        dp.add_rule(crate::net::rules::RuleSpec {
-            priority: 0,
-            action: crate::net::rules::Action::Allow,
-            matches: Default::default(),
-        });
-        let mut p = Poller::new(dp);
-        let a = MemoryPort::default();
-        let b = MemoryPort::default();
-        let cfg = |n: &str| PortConfig {
-            name: n.into(),
-            kind: PortKind::Access(NetworkId::Vlan(1)),
-            rate_limit: None,
-        };
-        p.attach(cfg("a"), Box::new(a.clone()), Box::new(a.clone()))
-            .unwrap();
-        p.attach(cfg("b"), Box::new(b.clone()), Box::new(b.clone()))
-            .unwrap();
-        let f = build::ethernet(MacAddr([2; 6]), MacAddr([4; 6]), None, 0x88b5, &[0; 46]);
+        let (mut p, a, b, f) = two_port_poller();
         for _ in 0..10 {
             a.inbox.lock().unwrap().push_back(f.clone());
         }
