@@ -78,6 +78,17 @@ fn check_geometry(k: usize, m: usize) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// [`check_geometry`] for a Reed-Solomon coder, which also needs k >= 2.
+fn check_rs_geometry(k: usize, m: usize) -> Result<(), PipelineError> {
+    check_geometry(k, m)?;
+    if k < 2 {
+        return Err(PipelineError::ErasureArgs(
+            "k = 1 is a mirror, not Reed-Solomon".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks encode shapes; returns the strip length L.
 fn check_encode(
     k: usize,
@@ -309,12 +320,7 @@ pub struct ReferenceCoder {
 impl ReferenceCoder {
     /// A k + m code; k >= 2 (k = 1 is a [`Mirror`]).
     pub fn new(k: usize, m: usize) -> Result<Self, PipelineError> {
-        check_geometry(k, m)?;
-        if k < 2 {
-            return Err(PipelineError::ErasureArgs(
-                "k = 1 is a mirror, not Reed-Solomon".into(),
-            ));
-        }
+        check_rs_geometry(k, m)?;
         let mut generator = vec![0u8; k * k];
         for i in 0..k {
             generator[i * k + i] = 1;
@@ -403,12 +409,7 @@ pub struct IsalCoder {
 impl IsalCoder {
     /// A k + m code; k >= 2 (k = 1 is a [`Mirror`]).
     pub fn new(k: usize, m: usize) -> Result<Self, PipelineError> {
-        check_geometry(k, m)?;
-        if k < 2 {
-            return Err(PipelineError::ErasureArgs(
-                "k = 1 is a mirror, not Reed-Solomon".into(),
-            ));
-        }
+        check_rs_geometry(k, m)?;
         let generator = isal::cauchy_matrix(k, m)?;
         let encode_tables = isal::init_tables(k, m, &generator[k * k..])?;
         Ok(Self {
