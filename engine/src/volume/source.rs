@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::image::VolumeImage;
 use super::VolumeError;
@@ -188,10 +188,7 @@ impl InMemorySource {
         pieces: usize,
         avoid: &[String],
     ) -> Result<SegmentGrant, VolumeError> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| VolumeError::Config("segment source poisoned".into()))?;
+        let mut state = self.lock_state()?;
         let mut candidates: Vec<(usize, usize)> = (0..self.shards.len())
             .filter(|&n| !avoid.iter().any(|a| a == &self.shards[n].info().node))
             .map(|n| (state.used[n].iter().filter(|u| **u).count(), n))
@@ -237,6 +234,13 @@ impl InMemorySource {
         Ok(grant)
     }
 
+    /// The state, or an error once a panic has poisoned its lock.
+    fn lock_state(&self) -> Result<MutexGuard<'_, State>, VolumeError> {
+        self.state
+            .lock()
+            .map_err(|_| VolumeError::Config("segment source poisoned".into()))
+    }
+
     fn node_index(&self, node: &str) -> Option<usize> {
         self.shards.iter().position(|s| s.info().node == node)
     }
@@ -251,10 +255,7 @@ impl InMemorySource {
         segment: u64,
         avoid: &[String],
     ) -> Result<SegmentPiece, VolumeError> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| VolumeError::Config("segment source poisoned".into()))?;
+        let mut state = self.lock_state()?;
         let state = &mut *state;
         let holding: Vec<String> = state
             .volumes
@@ -291,10 +292,7 @@ impl InMemorySource {
         from: &(String, u64),
         to: SegmentPiece,
     ) -> Result<(), VolumeError> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| VolumeError::Config("segment source poisoned".into()))?;
+        let mut state = self.lock_state()?;
         let state = &mut *state;
         let slot = state
             .volumes
@@ -333,10 +331,7 @@ impl InMemorySource {
         image: VolumeImage,
         free: Vec<u64>,
     ) -> Result<(), VolumeError> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| VolumeError::Config("segment source poisoned".into()))?;
+        let mut state = self.lock_state()?;
         let state = &mut *state;
         state.checkpoints += 1;
         let record = state.volumes.entry(volume.0).or_default();
@@ -344,10 +339,8 @@ impl InMemorySource {
         for index in free {
             if let Some(grant) = record.segments.remove(&index) {
                 for piece in grant.pieces {
-                    if let Some(n) = self.shards.iter().position(|s| s.info().node == piece.node) {
-                        let chunk =
-                            usize::try_from(piece.base / self.chunk_size).unwrap_or(usize::MAX);
-                        if let Some(slot) = state.used[n].get_mut(chunk) {
+                    if let Some(n) = self.node_index(&piece.node) {
+                        if let Some(slot) = state.used[n].get_mut(self.chunk_of(piece.base)) {
                             *slot = false;
                         }
                     }
