@@ -16,4 +16,5 @@ pub mod pool;
 pub mod reactor;
 pub mod shard;
 pub mod store;
+mod unix_socket;
 pub mod volume;

@@ -15,7 +15,7 @@ mod net_metrics;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -223,9 +223,8 @@ pub fn prepare(config: &Config) -> Result<(), DaemonError> {
     }
 }
 
-/// Binds the API's Unix socket with mode 0600: bound under a temporary name, restricted,
-/// then renamed into place, so it is never reachable with wider permissions. A stale
-/// socket nobody listens on is replaced; a live one means another dpud runs.
+/// Binds the API's Unix socket with mode 0600 (see [`crate::unix_socket`]); a live
+/// socket at `path` means another dpud runs.
 async fn bind_api_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     let listen_err = |source| DaemonError::Listen {
         what: "the control API",
@@ -235,41 +234,9 @@ async fn bind_api_socket(path: &Path) -> Result<tokio::net::UnixListener, Daemon
     if let Some(parent) = path.parent() {
         ensure_dir("API socket directory", parent)?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(listen_err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the path exists and is not a socket",
-            )))
-        }
-        Ok(_) if tokio::net::UnixStream::connect(path).await.is_ok() => {
-            return Err(listen_err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process (another dpud?) listens there",
-            )))
-        }
-        _ => {}
-    }
-    let name = path
-        .file_name()
-        .ok_or_else(|| {
-            listen_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "no file name",
-            ))
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = tokio::net::UnixListener::bind(&tmp).map_err(listen_err)?;
-    if let Err(e) = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path))
-    {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(listen_err(e));
-    }
-    Ok(listener)
+    crate::unix_socket::bind_private(path, "another process (another dpud?) listens there")
+        .await
+        .map_err(listen_err)
 }
 
 /// A running daemon. Stop it with [`DaemonHandle::shutdown`]; dropping it without

@@ -27,7 +27,6 @@ use crate::frontend::BlockDevice;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -357,41 +356,9 @@ impl NbdServer {
             addr: path.display().to_string(),
             source,
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if !m.file_type().is_socket() => {
-                return Err(listen_err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "exists and is not a socket",
-                )));
-            }
-            Ok(_) if tokio::net::UnixStream::connect(path).await.is_ok() => {
-                return Err(listen_err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another server listens there",
-                )));
-            }
-            _ => {}
-        }
-        // Bind under a temporary name, restrict it, then move it into place, so the
-        // socket is never reachable at `path` with wider permissions.
-        let file = path
-            .file_name()
-            .ok_or_else(|| {
-                listen_err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "no file name",
-                ))
-            })?
-            .to_string_lossy();
-        let tmp = path.with_file_name(format!(".{file}.{}.tmp", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let listener = tokio::net::UnixListener::bind(&tmp).map_err(listen_err)?;
-        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(listen_err(e));
-        }
+        let listener = crate::unix_socket::bind_private(path, "another server listens there")
+            .await
+            .map_err(listen_err)?;
         Ok(self.start(UnixAcceptor(listener), Bound::Unix(path.to_owned())))
     }
 
