@@ -239,6 +239,24 @@ async fn bind_api_socket(path: &Path) -> Result<tokio::net::UnixListener, Daemon
         .map_err(listen_err)
 }
 
+/// Binds a TCP listener for `what` at `addr`; returns it with the address it got
+/// (`addr` may ask for any port).
+async fn bind_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), DaemonError> {
+    let listen_err = |source| DaemonError::Listen {
+        what,
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    Ok((listener, local))
+}
+
 /// A running daemon. Stop it with [`DaemonHandle::shutdown`]; dropping it without
 /// doing so leaves the tasks running until the runtime ends.
 #[derive(Debug)]
@@ -403,20 +421,7 @@ pub async fn run(
 
     let mut api_tcp = None;
     if let Some(addr) = config.api.tcp {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "the control API",
-                addr: addr.to_string(),
-                source,
-            })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| DaemonError::Listen {
-                what: "the control API",
-                addr: addr.to_string(),
-                source,
-            })?;
+        let (listener, local) = bind_tcp("the control API", addr).await?;
         api_tcp = Some(local);
         let router = api
             .router(&mut tonic::transport::Server::builder())
@@ -436,20 +441,7 @@ pub async fn run(
 
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "metrics",
-                addr: addr.to_string(),
-                source,
-            })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| DaemonError::Listen {
-                what: "metrics",
-                addr: addr.to_string(),
-                source,
-            })?;
+        let (listener, local) = bind_tcp("metrics", addr).await?;
         metrics_addr = Some(local);
         let src = metrics::MetricsSource {
             plane: Arc::clone(&plane),
