@@ -9,64 +9,28 @@
 //! closed once its rebuild is over, while an exported one, and one exported while it
 //! is being rebuilt, stay open and keep working.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use common::pool::{block, create_cluster_of, memory_nodes, spec, stores, Memory, CHUNK};
 use engine::api::service::{NodeAdminState, NodeSpec as ApiNode, VolumeService, VolumeState};
 use engine::frontend::BlockDevice;
 use engine::pipeline::Kek;
 use engine::pool::service::{PoolService, RebuildPolicy};
-use engine::pool::{ConnectFuture, NodeConnector, NodeSpec, Pool};
+use engine::pool::{NodeConnector, Pool};
 use engine::shard::{MemoryShard, ShardStore};
 use engine::volume::Volume;
 
 const NODE_BYTES: u64 = 48 << 20;
-const CHUNK: u64 = 1 << 20;
 const BLOCKS: u64 = 1024;
-
-#[derive(Debug)]
-struct Memory(HashMap<String, Arc<MemoryShard>>);
-
-impl NodeConnector for Memory {
-    fn connect(&self, node: &NodeSpec) -> ConnectFuture<'_> {
-        let found = self
-            .0
-            .get(&node.id)
-            .map(|s| Arc::clone(s) as Arc<dyn ShardStore>);
-        let id = node.id.clone();
-        Box::pin(async move { found.ok_or(format!("no node {id}")) })
-    }
-}
-
-fn spec(i: usize) -> NodeSpec {
-    NodeSpec {
-        id: format!("node{i}"),
-        address: format!("127.0.0.1:{}", 4420 + i),
-        nqn: format!("nqn.2026-11.io.dpu-offload:node{i}"),
-        domain: format!("rack{}/node{i}", i % 4),
-        weight: None,
-    }
-}
 
 fn profile(protection: &str) -> placement::Profile {
     placement::Profile::from_toml(&format!(
         "schema_version = 1\nname = \"p\"\nprotection = \"{protection}\"\nfailure_domain = \"node\"\ncompression = \"zstd:1\"\n"
     ))
     .expect("profile")
-}
-
-fn block(tag: u64, lba: u64) -> Vec<u8> {
-    let mut x =
-        tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
-    let mut out = vec![0u8; 4096];
-    for c in out[..2048].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    out[2048..].fill(u8::try_from(tag % 251).expect("small"));
-    out
 }
 
 struct Setup {
@@ -78,17 +42,7 @@ struct Setup {
 
 async fn setup(protection: &str) -> (Setup, Volume) {
     let kek = Kek::generate().expect("kek");
-    let shards: Vec<Arc<MemoryShard>> = (0..8)
-        .map(|i| Arc::new(MemoryShard::new(format!("node{i}"), NODE_BYTES, 512)))
-        .collect();
-    let list = shards
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (spec(i), Arc::clone(s) as Arc<dyn ShardStore>))
-        .collect();
-    let pool = Pool::create(list, kek.clone(), CHUNK, vec!["rack".into(), "node".into()])
-        .await
-        .expect("create cluster");
+    let (pool, shards) = create_cluster_of(8, NODE_BYTES, &kek).await;
     pool.create_volume("v", profile(protection), BLOCKS * 4096)
         .await
         .expect("create volume");
@@ -160,17 +114,8 @@ impl Setup {
         for s in &shards {
             s.power_loss();
         }
-        let connector = Memory(
-            shards
-                .iter()
-                .map(|s| (s.info().node.clone(), Arc::clone(s)))
-                .collect(),
-        );
-        let seeds: Vec<Arc<dyn ShardStore>> = shards
-            .iter()
-            .map(|s| Arc::clone(s) as Arc<dyn ShardStore>)
-            .collect();
-        let pool = Pool::recover(seeds, kek.clone(), &connector)
+        let connector = Memory::of(&shards);
+        let pool = Pool::recover(stores(&shards), kek.clone(), &connector)
             .await
             .expect("recover");
         let volume = pool
@@ -427,15 +372,8 @@ async fn first_difference(dev: &dyn BlockDevice, tag: u64, mib: u64) -> Option<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_opened_only_for_its_rebuild_is_closed_when_it_is_over() {
     const MIB: u64 = 3;
-    let shards: Vec<Arc<MemoryShard>> = (0..4)
-        .map(|i| Arc::new(MemoryShard::new(format!("node{i}"), NODE_BYTES, 512)))
-        .collect();
-    let connector: Arc<dyn NodeConnector> = Arc::new(Memory(
-        shards
-            .iter()
-            .map(|s| (s.info().node.clone(), Arc::clone(s)))
-            .collect(),
-    ));
+    let shards = memory_nodes(4, NODE_BYTES);
+    let connector: Arc<dyn NodeConnector> = Arc::new(Memory::of(&shards));
     let kek = Kek::generate().expect("kek");
     let levels = vec!["rack".to_owned(), "node".to_owned()];
     let up = |n: usize| (0..n).map(|i| api_node(i, NodeAdminState::Up)).collect();

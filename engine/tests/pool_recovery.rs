@@ -3,42 +3,20 @@
 //! node namespaces and the key-encryption key alone; node failures within the profile
 //! on the way; the nodes never hold plaintext or the volume key.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use common::pool::{block, create_cluster_of, stores, Memory};
 use engine::metadata::MetaStore;
 use engine::pipeline::{unwrap_data_key, Kek, VolumeId, WrappedKey};
 use engine::pool::catalog::Catalog;
-use engine::pool::{ConnectFuture, NodeConnector, NodeSpec, Pool, PoolError};
-use engine::shard::{MemoryShard, ShardStore};
+use engine::pool::{Pool, PoolError};
+use engine::shard::MemoryShard;
 use engine::volume::Volume;
 
 const NODE_BYTES: u64 = 64 << 20;
-const CHUNK: u64 = 1 << 20;
-
-#[derive(Debug)]
-struct Memory(HashMap<String, Arc<MemoryShard>>);
-
-impl NodeConnector for Memory {
-    fn connect(&self, node: &NodeSpec) -> ConnectFuture<'_> {
-        let found = self
-            .0
-            .get(&node.id)
-            .map(|s| Arc::clone(s) as Arc<dyn ShardStore>);
-        let id = node.id.clone();
-        Box::pin(async move { found.ok_or(format!("no node {id}")) })
-    }
-}
-
-fn spec(i: usize) -> NodeSpec {
-    NodeSpec {
-        id: format!("node{i}"),
-        address: format!("127.0.0.1:{}", 4420 + i),
-        nqn: format!("nqn.2026-11.io.dpu-offload:node{i}"),
-        domain: format!("rack{}/node{i}", i % 4),
-        weight: None,
-    }
-}
 
 fn profile(text: &str) -> placement::Profile {
     placement::Profile::from_toml(&format!("schema_version = 1\n{text}")).expect("profile")
@@ -53,37 +31,8 @@ fn profiles() -> Vec<(&'static str, placement::Profile)> {
     ]
 }
 
-fn block(tag: u64, lba: u64) -> Vec<u8> {
-    let mut x =
-        tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
-    let mut out = vec![0u8; 4096];
-    for c in out[..2048].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    out[2048..].fill(u8::try_from(tag % 251).expect("small"));
-    out
-}
-
 async fn create_cluster(n: usize, kek: &Kek) -> (Pool, Vec<Arc<MemoryShard>>) {
     create_cluster_of(n, NODE_BYTES, kek).await
-}
-
-async fn create_cluster_of(n: usize, bytes: u64, kek: &Kek) -> (Pool, Vec<Arc<MemoryShard>>) {
-    let shards: Vec<Arc<MemoryShard>> = (0..n)
-        .map(|i| Arc::new(MemoryShard::new(format!("node{i}"), bytes, 512)))
-        .collect();
-    let list = shards
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (spec(i), Arc::clone(s) as Arc<dyn ShardStore>))
-        .collect();
-    let pool = Pool::create(list, kek.clone(), CHUNK, vec!["rack".into(), "node".into()])
-        .await
-        .expect("create cluster");
-    (pool, shards)
 }
 
 async fn write_tagged(
@@ -158,16 +107,8 @@ async fn every_volume_comes_back_from_the_nodes_and_the_kek_alone() {
     }
     // Start again with three of the eight namespaces and the KEK; one node is down.
     shards[7].set_offline(true);
-    let connector = Memory(
-        shards
-            .iter()
-            .map(|s| (s.info().node.clone(), Arc::clone(s)))
-            .collect(),
-    );
-    let seeds: Vec<Arc<dyn ShardStore>> = shards[..3]
-        .iter()
-        .map(|s| Arc::clone(s) as Arc<dyn ShardStore>)
-        .collect();
+    let connector = Memory::of(&shards);
+    let seeds = stores(&shards[..3]);
     let pool = Pool::recover(seeds, kek.clone(), &connector)
         .await
         .expect("recover");
@@ -203,10 +144,7 @@ async fn a_wrong_kek_opens_nothing_and_a_volume_is_single_writer() {
     drop(v);
     drop(pool);
     let connector = Memory(HashMap::new());
-    let seeds: Vec<Arc<dyn ShardStore>> = shards
-        .iter()
-        .map(|s| Arc::clone(s) as Arc<dyn ShardStore>)
-        .collect();
+    let seeds = stores(&shards);
     let other = Kek::generate().expect("kek");
     let pool = Pool::recover(seeds, other, &connector)
         .await
@@ -295,10 +233,7 @@ async fn nodes_hold_neither_plaintext_nor_the_volume_key() {
         "plaintext of an encrypted volume found on a node"
     );
     // The data key, as the KEK holder can unwrap it from the catalogue.
-    let seeds: Vec<Arc<dyn ShardStore>> = shards
-        .iter()
-        .map(|s| Arc::clone(s) as Arc<dyn ShardStore>)
-        .collect();
+    let seeds = stores(&shards);
     let (_store, recovered) = MetaStore::load(seeds, None, 1).await.expect("load");
     let catalog = Catalog::decode(&recovered.expect("committed").root).expect("catalogue");
     let entry = catalog

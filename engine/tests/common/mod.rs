@@ -1,5 +1,10 @@
-//! Shared set-up for the volume tests: memory nodes behind an in-memory segment source.
+//! Shared set-up for the engine's integration tests. This module: the volume tests'
+//! memory nodes behind an in-memory segment source; the submodules serve other groups
+//! of tests. Each test file compiles its own copy (`mod common;`) and uses a part of
+//! it, hence `dead_code` is allowed.
 #![allow(dead_code)]
+
+pub mod pool;
 
 use std::sync::Arc;
 
