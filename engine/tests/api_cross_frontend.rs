@@ -12,17 +12,18 @@
 //! the backend request channel QEMU sets up and one without, reaches the first as a
 //! config-change notice and both as the new capacity, and the grown range works.
 
+mod common;
+
 use std::fs::File;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::api::{export, node_and_volume};
+use common::nbd;
 use engine::api::proto;
-use engine::api::proto::{
-    exports_client::ExportsClient, nodes_client::NodesClient, volumes_client::VolumesClient,
-};
+use engine::api::proto::exports_client::ExportsClient;
 use engine::api::testing::{connect_unix, TestDaemon};
 use nvmeof::host::{Controller, HostConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{
@@ -39,62 +40,6 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:12345678-0000-0000-0000-0000000000cc";
 const VOLUME_BYTES: u64 = 4 << 20;
 const BLOCK: u64 = 4096;
-
-// ---------------------------------------------------------------------------------
-// NBD (fixed newstyle, one connection).
-
-async fn nbd_go(s: &mut UnixStream, name: &str) -> Res<()> {
-    let mut greet = [0u8; 18];
-    s.read_exact(&mut greet).await?;
-    s.write_u32(3).await?;
-    s.write_u64(0x4948_4156_454f_5054).await?;
-    s.write_u32(7).await?; // NBD_OPT_GO
-    s.write_u32(u32::try_from(4 + name.len() + 2)?).await?;
-    s.write_u32(u32::try_from(name.len())?).await?;
-    s.write_all(name.as_bytes()).await?;
-    s.write_u16(0).await?;
-    loop {
-        let _magic = s.read_u64().await?;
-        let _opt = s.read_u32().await?;
-        let kind = s.read_u32().await?;
-        let len = s.read_u32().await?;
-        let mut data = vec![0u8; usize::try_from(len)?];
-        s.read_exact(&mut data).await?;
-        if kind & (1 << 31) != 0 {
-            return Err(format!("GO refused: {kind:#x}").into());
-        }
-        if kind == 1 {
-            return Ok(());
-        }
-    }
-}
-
-/// One NBD request (0 read, 1 write); returns the read data.
-async fn nbd(s: &mut UnixStream, cmd: u16, offset: u64, len: u32, data: &[u8]) -> Res<Vec<u8>> {
-    s.write_u32(0x2560_9513).await?;
-    s.write_u16(0).await?;
-    s.write_u16(cmd).await?;
-    s.write_u64(9).await?;
-    s.write_u64(offset).await?;
-    s.write_u32(len).await?;
-    s.write_all(data).await?;
-    if s.read_u32().await? != 0x6744_6698 {
-        return Err("bad NBD reply magic".into());
-    }
-    let error = s.read_u32().await?;
-    if s.read_u64().await? != 9 {
-        return Err("bad NBD reply handle".into());
-    }
-    if error != 0 {
-        return Err(format!("NBD error {error}").into());
-    }
-    let mut out = Vec::new();
-    if cmd == 0 {
-        out = vec![0u8; usize::try_from(len)?];
-        s.read_exact(&mut out).await?;
-    }
-    Ok(out)
-}
 
 // ---------------------------------------------------------------------------------
 // A vhost-user front-end with one split virtqueue, one request in flight at a time.
@@ -357,7 +302,7 @@ impl Clients {
     }
 
     async fn write_nbd(&mut self, offset: u64, data: &[u8]) -> Res<()> {
-        nbd(&mut self.nbd, 1, offset, u32::try_from(data.len())?, data).await?;
+        nbd::request_ok(&mut self.nbd, 1, offset, u32::try_from(data.len())?, data).await?;
         self.record(offset, data)
     }
 
@@ -371,7 +316,7 @@ impl Clients {
     }
 
     async fn read_nbd(&mut self, offset: u64, len: u32) -> Res<Vec<u8>> {
-        nbd(&mut self.nbd, 0, offset, len, &[]).await
+        nbd::request_ok(&mut self.nbd, 0, offset, len, &[]).await
     }
 
     /// Reads `len` bytes at `offset` through all three and compares each with the
@@ -407,31 +352,10 @@ async fn data_written_through_one_front_end_reads_back_through_the_others() -> T
     let dir = tempfile::tempdir()?;
     let d = TestDaemon::start(dir.path()).await?;
     let ch = connect_unix(d.handle.api_socket()).await?;
-    NodesClient::new(ch.clone())
-        .add(proto::AddNodeRequest {
-            name: "n1".into(),
-            address: "127.0.0.1:4420".into(),
-            nqn: "nqn.2026-11.io.example:n1".into(),
-            domain: None,
-            weight: None,
-        })
-        .await?;
-    VolumesClient::new(ch.clone())
-        .create(proto::CreateVolumeRequest {
-            name: "v".into(),
-            profile: "scratch".into(),
-            size_bytes: VOLUME_BYTES,
-        })
-        .await?;
+    node_and_volume(&ch, "n1", VOLUME_BYTES).await?;
     let exports = ExportsClient::new(ch);
     let add = |t: proto::ExportType, name: &str, hosts: Vec<String>| {
-        let req = proto::AddExportRequest {
-            volume: "v".into(),
-            r#type: t.into(),
-            name: Some(name.into()),
-            read_only: false,
-            allowed_hosts: hosts,
-        };
+        let req = export(t, name, false, hosts);
         let mut ex = exports.clone();
         async move { ex.add(req).await.map(tonic::Response::into_inner) }
     };
@@ -459,7 +383,7 @@ async fn data_written_through_one_front_end_reads_back_through_the_others() -> T
         VOLUME_BYTES / 512
     );
     let mut nbd_sock = UnixStream::connect(d.handle.nbd_socket().ok_or("no NBD socket")?).await?;
-    nbd_go(&mut nbd_sock, "v-nbd").await?;
+    nbd::go_ok(&mut nbd_sock, "v-nbd").await?;
     let mut c = Clients {
         nvme,
         virtio,

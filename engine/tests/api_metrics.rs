@@ -2,8 +2,11 @@
 //! latency histograms follow the I/O a test does, node states and process figures are
 //! there, and anything but `GET /metrics` is refused.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::api::{export, node_and_volume};
 use engine::api::proto;
 use engine::api::proto::{nodes_client::NodesClient, volumes_client::VolumesClient};
 use engine::api::service::{VolumeService, VolumeState};
@@ -232,35 +235,15 @@ async fn nvme_tcp_export_counters_follow_the_commands() -> TestResult {
     let d = TestDaemon::start(dir.path()).await?;
     let addr = d.handle.metrics_addr().ok_or("no metrics listener")?;
     let ch = connect_unix(d.handle.api_socket()).await?;
-    NodesClient::new(ch.clone())
-        .add(proto::AddNodeRequest {
-            name: "n0".into(),
-            address: "127.0.0.1:4420".into(),
-            nqn: "nqn.2026-11.io.example:n0".into(),
-            domain: None,
-            weight: None,
-        })
-        .await?;
-    VolumesClient::new(ch.clone())
-        .create(proto::CreateVolumeRequest {
-            name: "v".into(),
-            profile: "scratch".into(),
-            size_bytes: 4 << 20,
-        })
-        .await?;
+    node_and_volume(&ch, "n0", 4 << 20).await?;
     let exports = ExportsClient::new(ch);
     let add = |name: &str, kind: proto::ExportType, read_only: bool| {
-        let req = proto::AddExportRequest {
-            volume: "v".into(),
-            r#type: kind.into(),
-            name: Some(name.into()),
-            read_only,
-            allowed_hosts: if kind == proto::ExportType::NvmeTcp {
-                vec![HOST.into()]
-            } else {
-                Vec::new()
-            },
+        let hosts = if kind == proto::ExportType::NvmeTcp {
+            vec![HOST.into()]
+        } else {
+            Vec::new()
         };
+        let req = export(kind, name, read_only, hosts);
         let mut exports = exports.clone();
         async move { exports.add(req).await.map(tonic::Response::into_inner) }
     };

@@ -4,6 +4,8 @@
 //! it, hence `dead_code` is allowed.
 #![allow(dead_code)]
 
+pub mod api;
+pub mod nbd;
 pub mod pool;
 
 use std::sync::Arc;
