@@ -4,135 +4,17 @@
 //! issue names (unknown profile, a profile the cluster cannot satisfy with placement's
 //! reason, the daemon not running with the hint).
 
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 
+use common::Env;
 use engine::api::service::{VolumeService, VolumeState};
 use engine::api::testing::{MemoryVolumeService, TestDaemon};
 use serde_json::Value;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-struct Env {
-    rt: tokio::runtime::Runtime,
-    daemon: Option<TestDaemon>,
-    dir: tempfile::TempDir,
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
-    }
-}
-
-impl Env {
-    fn start() -> Result<Self, Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let daemon = rt.block_on(TestDaemon::start(dir.path()))?;
-        Ok(Self {
-            rt,
-            daemon: Some(daemon),
-            dir,
-        })
-    }
-
-    fn service(&self) -> Arc<MemoryVolumeService> {
-        Arc::clone(&self.daemon.as_ref().expect("daemon running").service)
-    }
-
-    fn socket(&self) -> &Path {
-        self.daemon
-            .as_ref()
-            .expect("daemon running")
-            .handle
-            .api_socket()
-    }
-
-    fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dpuctl"));
-        cmd.arg("--socket").arg(self.socket()).args(args);
-        cmd.env_remove("DPUD_SOCKET")
-            .env_remove("EDITOR")
-            .env_remove("VISUAL");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let o = cmd.output().expect("dpuctl runs");
-        Out {
-            code: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Out {
-        self.run_with(args, &[])
-    }
-
-    /// Runs and expects success.
-    fn ok(&self, args: &[&str]) -> Out {
-        let o = self.run(args);
-        assert_eq!(
-            o.code, 0,
-            "dpuctl {args:?} failed: {}{}",
-            o.stdout, o.stderr
-        );
-        o
-    }
-
-    /// Runs and expects exit code `code` with `needle` in stderr.
-    fn fails(&self, args: &[&str], code: i32, needle: &str) -> Out {
-        let o = self.run(args);
-        assert_eq!(
-            o.code, code,
-            "dpuctl {args:?}: stdout {} stderr {}",
-            o.stdout, o.stderr
-        );
-        assert!(
-            o.stderr.contains(needle),
-            "dpuctl {args:?}: stderr lacks {needle:?}: {}",
-            o.stderr
-        );
-        o
-    }
-
-    fn add_nodes(&self, n: usize) {
-        for i in 1..=n {
-            self.ok(&[
-                "node",
-                "add",
-                &format!("n{i}"),
-                "--address",
-                &format!("127.0.0.1:{}", 4420 + i),
-                "--nqn",
-                &format!("nqn.2026-11.io.example:n{i}"),
-                "--domain",
-                &format!("rack{i}"),
-            ]);
-        }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(d) = self.daemon.take() {
-            let _ = self.rt.block_on(d.handle.shutdown());
-        }
-        let _ = &self.dir;
-    }
-}
 
 #[test]
 fn profile_commands() -> TestResult {

@@ -5,114 +5,12 @@
 //! codes, and the configuration surviving a restart with the same rule ids. Frames
 //! through real devices are `engine/tests/net_dpud.rs` (root).
 
-use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
+mod common;
 
-use engine::api::testing::{MemoryVolumeService, TestDaemon};
+use common::Env;
 use serde_json::Value;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-struct Env {
-    rt: tokio::runtime::Runtime,
-    daemon: Option<TestDaemon>,
-    _dir: tempfile::TempDir,
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
-    }
-}
-
-impl Env {
-    fn start() -> Result<Self, Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let daemon = rt.block_on(TestDaemon::start(dir.path()))?;
-        Ok(Self {
-            rt,
-            daemon: Some(daemon),
-            _dir: dir,
-        })
-    }
-
-    fn socket(&self) -> &Path {
-        self.daemon
-            .as_ref()
-            .expect("daemon running")
-            .handle
-            .api_socket()
-    }
-
-    fn run(&self, args: &[&str]) -> Out {
-        let o = Command::new(env!("CARGO_BIN_EXE_dpuctl"))
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .env_remove("DPUD_SOCKET")
-            .output()
-            .expect("dpuctl runs");
-        Out {
-            code: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> Out {
-        let o = self.run(args);
-        assert_eq!(
-            o.code, 0,
-            "dpuctl {args:?} failed: {}{}",
-            o.stdout, o.stderr
-        );
-        o
-    }
-
-    fn fails(&self, args: &[&str], code: i32, needle: &str) -> Out {
-        let o = self.run(args);
-        assert_eq!(
-            o.code, code,
-            "dpuctl {args:?}: stdout {} stderr {}",
-            o.stdout, o.stderr
-        );
-        assert!(
-            o.stderr.contains(needle),
-            "dpuctl {args:?}: stderr lacks {needle:?}: {}",
-            o.stderr
-        );
-        o
-    }
-
-    fn restart(&mut self) -> TestResult {
-        let d = self.daemon.take().ok_or("daemon")?;
-        let config = d.config.clone();
-        self.rt.block_on(d.handle.shutdown())?;
-        let fresh = Arc::new(MemoryVolumeService::new(&config.cluster.levels));
-        self.daemon = Some(self.rt.block_on(TestDaemon::start_with(config, fresh))?);
-        Ok(())
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(d) = self.daemon.take() {
-            let _ = self.rt.block_on(d.handle.shutdown());
-        }
-    }
-}
 
 fn ids(rules: &Value) -> Vec<u64> {
     rules
