@@ -9,7 +9,7 @@ packages=(
   build-essential pkg-config cpio kmod iproute2 zstd ca-certificates
   qemu-system-x86 busybox-static passt fio nvme-cli tshark
   qemu-utils libnbd-bin nbdkit gnuplot-nox
-  iperf3 curl python3 ethtool iputils-ping
+  iperf3 curl patch python3 ethtool iputils-ping
   liburing-dev libisal-dev protobuf-compiler
 )
 missing_packages() {
@@ -42,6 +42,9 @@ fi
 for tool in qemu-img qemu-io qemu-system-x86_64 fio nvme tshark nbdinfo nbdkit iperf3; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool is not on PATH after installing" >&2; exit 1; }
 done
+
+# Published crates the workspace builds with a patch of ours (patches/README.md).
+scripts/patched-crates.sh
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
