@@ -21,7 +21,7 @@ use bytes::Bytes;
 use common::api::{export, node_and_volume};
 use common::nbd;
 use engine::api::proto;
-use engine::api::proto::exports_client::ExportsClient;
+use engine::api::proto::{exports_client::ExportsClient, volumes_client::VolumesClient};
 use engine::api::testing::{connect_unix, TestDaemon};
 use nvmeof::host::{Controller, HostConfig};
 use tokio::net::UnixStream;
@@ -453,23 +453,8 @@ async fn a_grown_volume_reaches_vhost_user_front_ends_with_and_without_a_backend
     let dir = tempfile::tempdir()?;
     let d = TestDaemon::start(dir.path()).await?;
     let ch = connect_unix(d.handle.api_socket()).await?;
-    NodesClient::new(ch.clone())
-        .add(proto::AddNodeRequest {
-            name: "n1".into(),
-            address: "127.0.0.1:4420".into(),
-            nqn: "nqn.2026-11.io.example:n1".into(),
-            domain: None,
-            weight: None,
-        })
-        .await?;
+    node_and_volume(&ch, "n1", VOLUME_BYTES).await?;
     let mut volumes = VolumesClient::new(ch.clone());
-    volumes
-        .create(proto::CreateVolumeRequest {
-            name: "v".into(),
-            profile: "scratch".into(),
-            size_bytes: VOLUME_BYTES,
-        })
-        .await?;
     let mut exports = ExportsClient::new(ch);
     let dir = d
         .config
@@ -479,13 +464,12 @@ async fn a_grown_volume_reaches_vhost_user_front_ends_with_and_without_a_backend
         .ok_or("no vhost-user-blk directory")?;
     for name in ["v-qemu", "v-old"] {
         let e = exports
-            .add(proto::AddExportRequest {
-                volume: "v".into(),
-                r#type: proto::ExportType::VhostUserBlk.into(),
-                name: Some(name.into()),
-                read_only: false,
-                allowed_hosts: Vec::new(),
-            })
+            .add(export(
+                proto::ExportType::VhostUserBlk,
+                name,
+                false,
+                Vec::new(),
+            ))
             .await?
             .into_inner();
         assert!(e.served, "{e:?}");
