@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::random_bytes;
 use engine::frontend::nbd::{NbdConfig, NbdError, NbdListener, NbdServer};
 use engine::frontend::{BlockDevice, MemoryDevice};
 use std::net::SocketAddr;
@@ -40,19 +43,6 @@ const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 const SIZE: u64 = 4 << 20;
 
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        out.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Two writable exports and a read-only one, each holding a known pattern in its
 /// first 64 KiB.
 struct Fixture {
@@ -71,7 +61,7 @@ impl Fixture {
         let mut devices = Vec::new();
         for (i, name) in ["a", "b", "ro"].into_iter().enumerate() {
             let dev = MemoryDevice::new(SIZE, 4096);
-            let data = pattern(65536, 7 + i as u64);
+            let data = random_bytes(65536, 7 + i as u64);
             dev.write(0, data.clone(), false).await.unwrap();
             let dev = Arc::new(if name == "ro" {
                 dev.into_read_only()
@@ -104,7 +94,7 @@ impl Fixture {
             let mut c = Client::go(self.addr(), name, true).await;
             assert_eq!(c.read(0, 65536).await.unwrap(), *data, "export {name}");
             if *name != "ro" {
-                let block = pattern(4096, 99);
+                let block = random_bytes(4096, 99);
                 assert_eq!(c.write(1 << 20, &block, 0).await, 0);
                 assert_eq!(c.read(1 << 20, 4096).await.unwrap(), block);
             }
@@ -451,7 +441,7 @@ async fn bad_requests_fail_with_errno_and_the_connection_goes_on() {
     let f = Fixture::new().await;
     for structured in [false, true] {
         let mut c = Client::go(f.addr(), "a", structured).await;
-        let block = pattern(4096, 5);
+        let block = random_bytes(4096, 5);
         // Misaligned read and write (the write's payload is consumed).
         assert_eq!(c.read(512, 4096).await, Err(EINVAL));
         assert_eq!(c.read(0, 1000).await, Err(EINVAL));
@@ -574,7 +564,7 @@ async fn pipelined_requests_are_all_answered_and_disc_waits_for_them() {
     };
     let f = Fixture::with_config(config).await;
     let mut c = Client::go(f.addr(), "a", true).await;
-    let data = pattern(64 * 4096, 3);
+    let data = random_bytes(64 * 4096, 3);
     let mut handles = std::collections::HashSet::new();
     for i in 0..64u64 {
         let off = (1 << 20) + i * 4096;

@@ -1,6 +1,6 @@
 //! Shared set-up for the engine's integration tests. This module: the volume tests'
-//! memory nodes behind an in-memory segment source; the submodules serve other groups
-//! of tests. Each test file compiles its own copy (`mod common;`) and uses a part of
+//! memory nodes behind an in-memory segment source, and deterministic test data; the
+//! submodules serve other groups of tests. Each test file compiles its own copy (`mod common;`) and uses a part of
 //! it, hence `dead_code` is allowed.
 #![allow(dead_code)]
 
@@ -85,4 +85,17 @@ pub fn config(id: u8, k: usize, m: usize, blocks: u64, shard_block: u32) -> Volu
     c.compression = Compression::Off;
     c.shard_block = u64::from(shard_block);
     c
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        out.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
