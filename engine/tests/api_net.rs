@@ -4,6 +4,9 @@
 //! network and storage reaches `/metrics`. (dpuctl's side is cli/tests/dpuctl_net.rs;
 //! frames through real devices are cli/tests/net_dpud.rs.)
 
+mod common;
+
+use common::api::expect_code;
 use engine::api::proto;
 use engine::api::proto::network_client::NetworkClient;
 use engine::api::testing::{connect_unix, TestDaemon};
@@ -27,57 +30,38 @@ fn rule(r: proto::FirewallRule) -> proto::AddFirewallRuleRequest {
     proto::AddFirewallRuleRequest { rule: Some(r) }
 }
 
-/// Asserts that `r` is refused with `code` and a message containing `needle`.
-fn expect<T: std::fmt::Debug>(
-    r: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    needle: &str,
-) {
-    match r {
-        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(
-                s.message().contains(needle),
-                "{:?} lacks {needle:?}",
-                s.message()
-            );
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_have_codes_and_reasons() -> TestResult {
     let dir = tempfile::tempdir()?;
     let d = TestDaemon::start(dir.path()).await?;
     let mut c = NetworkClient::new(connect_unix(d.handle.api_socket()).await?);
     c.add_port(access("pa", "vlan:10")).await?;
-    expect(
+    expect_code(
         c.add_port(access("pa", "vlan:10")).await,
         Code::AlreadyExists,
         "exists",
     );
-    expect(
+    expect_code(
         c.add_port(access("pb", "vlan:0")).await,
         Code::InvalidArgument,
         "1 to 4094",
     );
-    expect(
+    expect_code(
         c.add_port(access("pb", "vni:16777216")).await,
         Code::InvalidArgument,
         "vni:N",
     );
-    expect(
+    expect_code(
         c.add_port(access("", "vlan:1")).await,
         Code::InvalidArgument,
         "device name",
     );
-    expect(
+    expect_code(
         c.add_port(access("sixteen-chars-xx", "vlan:1")).await,
         Code::InvalidArgument,
         "1 to 15",
     );
-    expect(
+    expect_code(
         c.add_port(proto::AddNetPortRequest {
             port: Some(proto::NetPort {
                 name: "pb".into(),
@@ -89,7 +73,7 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         Code::InvalidArgument,
         "access (one untagged network), trunk",
     );
-    expect(
+    expect_code(
         c.add_port(proto::AddNetPortRequest {
             port: Some(proto::NetPort {
                 name: "pb".into(),
@@ -102,7 +86,7 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         Code::InvalidArgument,
         "VLAN 70000",
     );
-    expect(
+    expect_code(
         c.add_port(proto::AddNetPortRequest {
             port: Some(proto::NetPort {
                 name: "up".into(),
@@ -116,12 +100,12 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         Code::InvalidArgument,
         "multicast",
     );
-    expect(
+    expect_code(
         c.add_port(proto::AddNetPortRequest { port: None }).await,
         Code::InvalidArgument,
         "no port",
     );
-    expect(
+    expect_code(
         c.add_rule(proto::AddFirewallRuleRequest { rule: None })
             .await,
         Code::InvalidArgument,
@@ -132,7 +116,7 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         action: "allow".into(),
         ..Default::default()
     };
-    expect(
+    expect_code(
         c.add_rule(rule(proto::FirewallRule {
             action: "accept".into(),
             ..base.clone()
@@ -141,7 +125,7 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         Code::InvalidArgument,
         "allow, drop or reject",
     );
-    expect(
+    expect_code(
         c.add_rule(rule(proto::FirewallRule {
             protocol: Some("sctp".into()),
             ..base.clone()
@@ -150,7 +134,7 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         Code::InvalidArgument,
         "protocol \"sctp\"",
     );
-    expect(
+    expect_code(
         c.add_rule(rule(proto::FirewallRule {
             direction: Some("in".into()),
             ..base.clone()
@@ -159,7 +143,7 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         Code::InvalidArgument,
         "--direction needs --port",
     );
-    expect(
+    expect_code(
         c.add_rule(rule(proto::FirewallRule {
             src: Some("10.0.0.0/8".into()),
             dst: Some("fd00::/8".into()),
@@ -169,7 +153,7 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         Code::InvalidArgument,
         "different IP families",
     );
-    expect(
+    expect_code(
         c.add_rule(rule(proto::FirewallRule {
             port: Some("ghost".into()),
             ..base.clone()
@@ -188,19 +172,19 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
         .await?
         .into_inner();
     assert_eq!((r.id, r.priority), (1, 0));
-    expect(
+    expect_code(
         c.remove_port(proto::RemoveNetPortRequest { name: "pa".into() })
             .await,
         Code::FailedPrecondition,
         "firewall rule 1",
     );
-    expect(
+    expect_code(
         c.remove_port(proto::RemoveNetPortRequest { name: "pz".into() })
             .await,
         Code::NotFound,
         "no port named",
     );
-    expect(
+    expect_code(
         c.delete_rule(proto::DeleteFirewallRuleRequest { id: 9 })
             .await,
         Code::NotFound,
@@ -217,12 +201,12 @@ async fn refusals_have_codes_and_reasons() -> TestResult {
             counters: None,
         }),
     };
-    expect(
+    expect_code(
         c.add_vxlan(tunnel("none")).await,
         Code::NotFound,
         "add it first",
     );
-    expect(
+    expect_code(
         c.add_vxlan(tunnel("pa")).await,
         Code::FailedPrecondition,
         "not an uplink port",

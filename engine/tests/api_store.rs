@@ -2,8 +2,11 @@
 //! daemon hands them back to the engine and the front-ends at start. Volumes are not
 //! stored locally (they live on the nodes), so the restart reuses the engine's state.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::api::export;
 use engine::api::proto;
 use engine::api::proto::{
     exports_client::ExportsClient, nodes_client::NodesClient, profiles_client::ProfilesClient,
@@ -75,22 +78,15 @@ async fn profiles_nodes_and_exports_survive_a_restart() -> TestResult {
             })
             .await?;
         exports
-            .add(proto::AddExportRequest {
-                volume: "v".into(),
-                r#type: proto::ExportType::Nbd.into(),
-                name: Some("v-ro".into()),
-                read_only: true,
-                allowed_hosts: Vec::new(),
-            })
+            .add(export(proto::ExportType::Nbd, "v-ro", true, Vec::new()))
             .await?;
         exports
-            .add(proto::AddExportRequest {
-                volume: "v".into(),
-                r#type: proto::ExportType::NvmeTcp.into(),
-                name: Some("v-nvme".into()),
-                read_only: false,
-                allowed_hosts: vec!["nqn.2014-08.org.nvmexpress:uuid:1".into()],
-            })
+            .add(export(
+                proto::ExportType::NvmeTcp,
+                "v-nvme",
+                false,
+                vec!["nqn.2014-08.org.nvmexpress:uuid:1".into()],
+            ))
             .await?;
     }
     let before = service.nodes();

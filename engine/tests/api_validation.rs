@@ -2,9 +2,12 @@
 //! refusal comes with the right gRPC code and a message that names the problem, and
 //! the daemon's listeners and key file are deny-by-default.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
+use common::api::expect_code;
 use engine::api::proto;
 use engine::api::proto::{
     exports_client::ExportsClient, nodes_client::NodesClient, profiles_client::ProfilesClient,
@@ -16,20 +19,6 @@ use engine::daemon::{Config, DaemonError};
 use tonic::Code;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
-    match r {
-        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(
-                s.message().contains(needle),
-                "{:?} lacks {needle:?}",
-                s.message()
-            );
-        }
-    }
-}
 
 fn node(name: &str, port: u16, domain: Option<&str>) -> proto::AddNodeRequest {
     proto::AddNodeRequest {

@@ -1,9 +1,10 @@
 //! The control API as the api_* tests drive it: one node and one volume "v" to
-//! export, and export requests.
+//! export, export requests, and checking a refusal.
 
 use engine::api::proto;
 use engine::api::proto::{nodes_client::NodesClient, volumes_client::VolumesClient};
 use tonic::transport::Channel;
+use tonic::Code;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -42,5 +43,20 @@ pub fn export(
         name: Some(name.into()),
         read_only,
         allowed_hosts,
+    }
+}
+
+/// Asserts that `r` is refused with `code` and a message containing `needle`.
+pub fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
+    match r {
+        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "{:?} lacks {needle:?}",
+                s.message()
+            );
+        }
     }
 }
