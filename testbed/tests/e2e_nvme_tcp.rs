@@ -5,7 +5,10 @@
 //! data and the block queue limits the kernel derived from them are checked, fio
 //! verifies crc32c on /dev/nvme0n1, again while a storage node is SIGKILLed mid-run,
 //! and the bytes written through one front-end read back identically through the
-//! other. A host NQN outside the export's allow-list is refused.
+//! other. A host NQN outside the export's allow-list is refused. Then `dpuctl volume
+//! resize` grows the volume while the guest stays connected: the kernel gets the
+//! Namespace Attribute Changed event, rescans, and /dev/nvme0n1 takes the new size
+//! within seconds; fio verifies writes across the old end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,6 +23,11 @@ const NBD_REGION: u64 = 40 * MIB;
 /// fio's regions: verify pass, then the pass with the node kill.
 const FIO1: (u64, u64) = (0, 12 * MIB);
 const FIO2: (u64, u64) = (16 * MIB, 8 * MIB);
+/// The volume's size, then its size after `volume resize`.
+const OLD_SIZE: u64 = 64 * MIB;
+const NEW_SIZE: u64 = 80 * MIB;
+/// fio's region across the old end once the volume has grown.
+const FIO3: (u64, u64) = (OLD_SIZE - MIB, 5 * MIB);
 const STRANGER: &str = "nqn.2014-08.org.nvmexpress:uuid:5f1c0de2-7a0b-4c55-9d1e-0badbadbad02";
 
 /// One binary of a workspace package: the sibling of this test executable when it is
@@ -59,6 +67,7 @@ fn kernel_host_over_dpud_nvme_tcp_export() {
         "--size",
         "64MiB",
     ]);
+    assert_eq!(OLD_SIZE, 64 * MIB);
     let e: Value = serde_json::from_str(&bed.dpuctl(&[
         "-o",
         "json",
@@ -132,6 +141,12 @@ must fio_kill fio --name=nodekill --filename=/dev/nvme0n1 --direct=1 --ioengine=
 must discard_range blkdiscard -o {discard_off} -l 1048576 /dev/nvme0n1
 must discarded sh -c "dd if=/dev/nvme0n1 bs=1M skip={discard_mib} count=1 2>/dev/null | sha256sum"
 must fio_region sh -c "dd if=/dev/nvme0n1 bs=1M count={fio_mib} 2>/dev/null | sha256sum"
+wait_host resize
+must grown sh -c 'i=0; while [ "$(cat /sys/block/nvme0n1/size)" != {new_sectors} ]; do i=$((i + 1)); [ $i -gt 100 ] && exit 1; sleep 0.1; done; echo "$i tenths"'
+must id_ns_grown nvme id-ns /dev/nvme0n1 -o json
+must fio_grown fio --name=grown --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio \
+    --iodepth=8 --rw=write --bs=64k --offset={fio3_off} --size={fio3_len} \
+    --verify=crc32c --verify_fatal=1 --output-format=json
 must disconnect nvme disconnect -n $nqn
 "#,
         host = HOST_ADDR_FROM_GUEST,
@@ -145,6 +160,9 @@ must disconnect nvme disconnect -n $nqn
         discard_off = 30 * MIB,
         discard_mib = 30,
         fio_mib = (FIO2.0 + FIO2.1) / MIB,
+        new_sectors = NEW_SIZE / 512,
+        fio3_off = FIO3.0,
+        fio3_len = FIO3.1,
     );
     let _one = guest::exclusive();
     let env = GuestEnv::discover().unwrap_or_else(|e| panic!("{e}"));
@@ -159,13 +177,22 @@ must disconnect nvme disconnect -n $nqn
     std::thread::sleep(Duration::from_secs(3));
     bed.testbed(&["fault", "kill", "node2"]);
     let t_kill = Instant::now();
+    ok(running.wait_for_prompt("resize", Duration::from_secs(300)));
+    eprintln!(
+        "[{:?}] second fio passed ({:?} after the kill); growing the volume",
+        t0.elapsed(),
+        t_kill.elapsed()
+    );
+    bed.dpuctl(&["volume", "resize", "nv", "--size", "80MiB"]);
+    let t_resize = Instant::now();
+    ok(running.send_line("go"));
     let run = running
         .finish()
         .unwrap_or_else(|e| panic!("{e}\n{}", bed.dpud_log_tail()));
     eprintln!(
-        "[{:?}] guest done ({:?} after the kill); {}",
+        "[{:?}] guest done ({:?} after the resize); {}",
         t0.elapsed(),
-        t_kill.elapsed(),
+        t_resize.elapsed(),
         run.timings()
     );
     if let Err(e) = run.check() {
@@ -206,7 +233,7 @@ must disconnect nvme disconnect -n $nqn
     let flbas = usize::try_from(num(&ns, "flbas") & 0xf).unwrap();
     let lbaf = &ns["lbafs"][flbas];
     assert_eq!(num(lbaf, "ds"), 12, "4 KiB LBAs: {ns}");
-    assert_eq!(num(&ns, "nsze"), 64 * MIB / 4096, "{ns}");
+    assert_eq!(num(&ns, "nsze"), OLD_SIZE / 4096, "{ns}");
     assert_eq!(num(&ns, "nsattr") & 1, 0, "{ns}");
     assert_eq!(num(&ns, "nsfeat") & (1 << 4), 1 << 4, "OPTPERF: {ns}");
     // The profile's 32 KiB compression unit and its 4-strip rows.
@@ -240,6 +267,31 @@ must disconnect nvme disconnect -n $nqn
     );
     // At 1 MiB/s the write phase alone lasts about 8 s: node2 died inside it.
     assert!(ms > 6000, "fio across the kill ran only {ms} ms");
+
+    // The resize: the kernel took the new size on the Namespace Attribute Changed
+    // event (it logs the rescan and the capacity change), without reconnecting.
+    let grown = ok(run.output("grown"));
+    eprintln!("the guest saw the new size after {}", grown.trim());
+    assert!(
+        console.contains("rescanning namespaces"),
+        "the kernel did not rescan on the event"
+    );
+    assert!(
+        console.contains(&format!(
+            "detected capacity change from {} to {}",
+            OLD_SIZE / 512,
+            NEW_SIZE / 512
+        )),
+        "the kernel did not report the capacity change"
+    );
+    let ns_grown = json(&run, "id_ns_grown");
+    assert_eq!(num(&ns_grown, "nsze"), NEW_SIZE / 4096, "{ns_grown}");
+    assert_eq!(num(&ns_grown, "ncap"), NEW_SIZE / 4096, "{ns_grown}");
+    let (w3, r3, _) = fio_job(&run, "fio_grown");
+    assert!(
+        w3 == FIO3.1 && r3 == w3,
+        "fio across the old end wrote {w3}, verified {r3}"
+    );
 
     // NBD -> NVMe/TCP.
     assert_eq!(

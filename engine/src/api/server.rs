@@ -88,8 +88,9 @@ pub trait Frontends: Send + Sync + fmt::Debug {
         None
     }
     /// The volume `volume` grew: tell the clients of its exports that can hear it (a
-    /// vhost-user-blk config-change notice). May block briefly (socket writes); the
-    /// control plane calls it off the async threads.
+    /// vhost-user-blk config-change notice; an NVMe/TCP Namespace Attribute Changed
+    /// event). May block briefly (socket writes); the control plane calls it off the
+    /// async threads.
     fn volume_grown(&self, _volume: &str) {}
 }
 

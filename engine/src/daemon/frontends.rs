@@ -270,6 +270,27 @@ impl DaemonFrontends {
             .map_err(|e| e.to_string())
     }
 
+    /// The namespaces of the NVMe/TCP exports of `volume` take its new size, and the
+    /// hosts connected to them get a Namespace Attribute Changed event (no socket
+    /// write here: the admin queues' connections send the completions).
+    fn nvme_volume_grown(&self, volume: &str) {
+        let Some(n) = &self.nvme else { return };
+        for name in n.exports() {
+            if n.export(&name).is_none_or(|e| e.volume != volume) {
+                continue;
+            }
+            match n.namespace_resized(&name) {
+                Ok(true) => {
+                    tracing::info!(export = %name, "NVMe/TCP namespace resized; hosts notified")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(export = %name, "cannot resize the NVMe/TCP namespace: {e}")
+                }
+            }
+        }
+    }
+
     fn nvme_state(&self, export: &ExportRecord) -> ServedState {
         match (&self.nvme, self.nvme_target(export)) {
             (None, _) => ServedState {
@@ -578,6 +599,7 @@ impl Frontends for DaemonFrontends {
     }
 
     fn volume_grown(&self, volume: &str) {
+        self.nvme_volume_grown(volume);
         let Some(v) = &self.vhost else { return };
         let exports: Vec<Arc<VhostUserBlkExport>> = v
             .exports

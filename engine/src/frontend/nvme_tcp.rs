@@ -17,6 +17,10 @@
 //! - Each accepted connection (one NVMe queue) is moved to the next reactor
 //!   round-robin, so a host's I/O queues are spread over dpud's cores; the volume's
 //!   work stays on the volume's own reactor behind its channel.
+//! - A volume grows in place; [`NvmeTcpServer::namespace_resized`] makes the
+//!   export's namespace take the device's new size and sends the connected hosts a
+//!   Namespace Attribute Changed asynchronous event, so they rescan without
+//!   reconnecting (the control plane calls it after `volume resize`).
 //! - [`NvmeTcpServer::stats`] gives an export's counters, as the NBD and
 //!   vhost-user-blk front-ends do for theirs. They are the target's per-subsystem
 //!   counters (`nvmeof::target::SubsystemStats`): the target is the one place that
@@ -238,6 +242,8 @@ pub struct NvmeExport {
     pub subnqn: String,
     /// Host NQNs allowed to connect.
     pub allowed_hosts: Vec<String>,
+    /// The volume it serves.
+    pub volume: String,
 }
 
 /// The NVMe/TCP server. See the module documentation.
@@ -333,6 +339,7 @@ impl NvmeTcpServer {
                 name: name.to_owned(),
                 subnqn: subnqn.clone(),
                 allowed_hosts: allowed_hosts.to_vec(),
+                volume: volume.to_owned(),
             },
         );
         Ok(subnqn)
@@ -401,6 +408,24 @@ impl NvmeTcpServer {
             written_bytes: s.written_bytes,
             errors: s.errors,
         })
+    }
+
+    /// The export's device has a new size (its volume grew): namespace 1 takes it
+    /// from the device, and every connected host that enabled Namespace Attribute
+    /// Notices gets an asynchronous event (the Linux host then rescans and resizes
+    /// its block device). Returns whether the size changed.
+    pub fn namespace_resized(&self, name: &str) -> Result<bool, NvmeTcpError> {
+        let e = self.export(name).ok_or_else(|| NvmeTcpError::Invalid {
+            name: name.to_owned(),
+            reason: "not served".into(),
+        })?;
+        match &*self.target.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(t) => Ok(t.namespace_resized(&e.subnqn, 1)?),
+            None => Err(NvmeTcpError::Invalid {
+                name: name.to_owned(),
+                reason: "the NVMe/TCP listener has been shut down".into(),
+            }),
+        }
     }
 
     /// Live controllers (host associations) of an export.

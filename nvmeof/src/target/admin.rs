@@ -5,7 +5,7 @@
 //! finish in microseconds, and running them in order keeps controller-state changes
 //! (enable, number of queues) sequenced exactly as the host sent them.
 
-use super::state::{Controller, Namespace, SubsystemKind, ERROR_LOG_ENTRIES};
+use super::state::{Controller, Namespace, SubsystemKind, AEC_NS_ATTR, ERROR_LOG_ENTRIES};
 use super::{Reply, Shared};
 use crate::nvme::identify::encode_active_ns_list;
 use crate::nvme::log::ERROR_LOG_ENTRY_SIZE;
@@ -19,6 +19,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 const CAP_TIMEOUT_500MS: u8 = 30;
+/// Bytes of the Changed Namespace List log page.
+const CHANGED_NS_LOG_SIZE: usize = super::state::CHANGED_NS_MAX * 4;
 
 pub(crate) fn cap(shared: &Shared) -> CapRegister {
     CapRegister {
@@ -96,6 +98,7 @@ pub(crate) fn execute(
             lid,
             numd,
             offset,
+            rae,
             ..
         } => {
             let len = (u64::from(numd) + 1) * 4;
@@ -105,6 +108,9 @@ pub(crate) fn execute(
             if offset % 4 != 0 {
                 return invalid_field();
             }
+            let Ok(start) = usize::try_from(offset) else {
+                return invalid_field();
+            };
             let page = match lid {
                 LogPageId::DISCOVERY if discovery => discovery_log(shared, ctrl, local),
                 LogPageId::ERROR if !discovery => {
@@ -116,10 +122,13 @@ pub(crate) fn execute(
                     v
                 }
                 LogPageId::SMART if !discovery => smart_log(ctrl),
+                // Checked before it is read: reading it (without RAE) clears it, which
+                // a refused command must not do.
+                LogPageId::CHANGED_NAMESPACES if !discovery && start <= CHANGED_NS_LOG_SIZE => {
+                    ctrl.changed_ns_log(rae)
+                }
+                LogPageId::CHANGED_NAMESPACES if !discovery => return invalid_field(),
                 _ => return Reply::status(Status::new(StatusCode::INVALID_LOG_PAGE).dnr()),
-            };
-            let Ok(start) = usize::try_from(offset) else {
-                return invalid_field();
             };
             if start > page.len() {
                 return invalid_field();
@@ -289,6 +298,9 @@ pub(crate) fn identify_controller(shared: &Shared, ctrl: &Controller) -> Identif
         acl: 3,
         aerl: 3,
         frmw: 0b11,
+        // Namespace Attribute Notices (a namespace's size changed; see
+        // `Subsystem::namespace_resized`).
+        oaes: if discovery { 0 } else { AEC_NS_ATTR },
         // Extended data for Get Log Page (offsets, NUMDU).
         lpa: 1 << 2,
         elpe: u8::try_from(ERROR_LOG_ENTRIES - 1).unwrap_or(0),
@@ -329,6 +341,7 @@ pub(crate) fn identify_namespace(ns: &Namespace) -> IdentifyNamespace {
         rp: 0,
     };
     let zeroes = ns.backend.deallocate_reads_zeroes();
+    let blocks = ns.blocks();
     let h = ns.backend.io_hints();
     // NPWG, NPWA, NPDG, NPDA and NOWS are 0's based and valid only with NSFEAT bit 4
     // (OPTPERF); NOIOB is a plain count where 0 means "not reported".
@@ -348,9 +361,9 @@ pub(crate) fn identify_namespace(ns: &Namespace) -> IdentifyNamespace {
         nows: zb(h.optimal_write_size),
         // Bit 0: the namespace is write protected.
         nsattr: u8::from(ns.backend.read_only()),
-        nsze: ns.blocks,
-        ncap: ns.blocks,
-        nuse: ns.blocks,
+        nsze: blocks,
+        ncap: blocks,
+        nuse: blocks,
         nlbaf: 0,
         flbas: 0,
         // Bits 2:0 = 001b: deallocated blocks read as zeroes; bit 3: Write Zeroes
@@ -358,7 +371,7 @@ pub(crate) fn identify_namespace(ns: &Namespace) -> IdentifyNamespace {
         dlfeat: if zeroes { 0b1001 } else { 0 },
         // May be shared by several controllers.
         nmic: 1,
-        nvmcap: u128::from(ns.blocks) * u128::from(ns.block_size),
+        nvmcap: u128::from(blocks) * u128::from(ns.block_size),
         nguid: ns.nguid,
         lbaf,
         ..IdentifyNamespace::default()

@@ -35,6 +35,8 @@ use tokio::sync::{mpsc, watch};
 
 /// How long a new connection may take to send its ICReq.
 const ICREQ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Asynchronous Event Requests held at once (Identify Controller AERL + 1).
+const AER_LIMIT: usize = 4;
 /// Flush the writer at least every this many queued bytes.
 const WRITE_BATCH: usize = 512 * 1024;
 
@@ -322,6 +324,14 @@ async fn stop_signal(
     }
 }
 
+/// Resolves when `ctrl` queues an asynchronous event; never without a controller.
+async fn event_queued(ctrl: Option<&Controller>) {
+    match ctrl {
+        Some(c) => c.event_queued().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn fatal(fes: FatalErrorStatus, fei: u32, header: &[u8]) -> Stop {
     Stop::Fatal(FatalError { fes, fei }, Bytes::copy_from_slice(header))
 }
@@ -338,6 +348,9 @@ impl Conn {
         let stop = stop_signal(shutdown.clone(), None, None, self.tx.clone());
         tokio::pin!(stop);
         let mut bound = false;
+        // The controller whose asynchronous events this connection reports: set once
+        // it is bound as an admin queue (I/O queues never wait for events).
+        let mut events: Option<Arc<Controller>> = None;
         loop {
             if !bound {
                 if let Some(b) = &self.binding {
@@ -348,11 +361,23 @@ impl Conn {
                         b.io_reset.clone(),
                         self.tx.clone(),
                     ));
+                    if b.qid == 0 {
+                        events = Some(Arc::clone(&b.ctrl));
+                    }
                 }
             }
-            let pdu = tokio::select! {
-                r = reader.read_pdu(&self.params) => r,
-                s = &mut stop => return s,
+            let params = self.params;
+            let pdu = {
+                // An event wakes the loop without dropping the half-read PDU.
+                let read = reader.read_pdu(&params);
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        r = &mut read => break r,
+                        s = &mut stop => return s,
+                        () = event_queued(events.as_deref()) => self.report_events(),
+                    }
+                }
             };
             let pdu = match pdu {
                 Ok(p) => p,
@@ -636,11 +661,13 @@ impl Conn {
         if qid == 0 {
             let reply = match AdminCommand::parse(&sqe) {
                 Ok(AdminCommand::AsyncEventRequest) => {
-                    // Held until an event (none are generated) or teardown.
-                    if self.aers.len() >= 4 {
+                    // Completes at once with an event already queued; else held until
+                    // one is (see `report_events`) or the queue goes away.
+                    if self.aers.len() >= AER_LIMIT {
                         Reply::status(Status::new(StatusCode::AER_LIMIT_EXCEEDED).dnr())
                     } else {
                         self.aers.push(sqe.cid);
+                        self.report_events();
                         return None;
                     }
                 }
@@ -889,6 +916,25 @@ impl Conn {
             sqflow_disabled,
         });
         r
+    }
+
+    /// Complete held AERs with queued asynchronous events, oldest first on both sides.
+    fn report_events(&mut self) {
+        let Some(ctrl) = self.binding.as_ref().map(|b| Arc::clone(&b.ctrl)) else {
+            return;
+        };
+        while !self.aers.is_empty() {
+            let Some(dw0) = ctrl.take_event() else { break };
+            let cid = self.aers.remove(0);
+            tracing::debug!(
+                cntlid = ctrl.cntlid,
+                dw0 = format_args!("{dw0:#010x}"),
+                "asynchronous event reported"
+            );
+            let mut r = Reply::ok();
+            r.dw0 = dw0;
+            self.complete(cid, r);
+        }
     }
 
     /// Complete held AERs as aborted before the queue goes away.

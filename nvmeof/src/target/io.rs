@@ -80,7 +80,7 @@ pub(crate) async fn execute(
     match cmd {
         IoCommand::Read { slba, nlb, .. } => {
             let nlb = u64::from(nlb) + 1;
-            let (off, len) = match range(ns.blocks, ns.block_size, slba, nlb) {
+            let (off, len) = match range(ns.blocks(), ns.block_size, slba, nlb) {
                 Ok(v) => v,
                 Err(r) => return r,
             };
@@ -109,7 +109,7 @@ pub(crate) async fn execute(
         }
         IoCommand::Write { slba, nlb, fua, .. } => {
             let nlb = u64::from(nlb) + 1;
-            let (off, len) = match range(ns.blocks, ns.block_size, slba, nlb) {
+            let (off, len) = match range(ns.blocks(), ns.block_size, slba, nlb) {
                 Ok(v) => v,
                 Err(r) => return r,
             };
@@ -157,7 +157,7 @@ pub(crate) async fn execute(
             ..
         } => {
             let nlb = u64::from(nlb) + 1;
-            let (off, len) = match range(ns.blocks, ns.block_size, slba, nlb) {
+            let (off, len) = match range(ns.blocks(), ns.block_size, slba, nlb) {
                 Ok(v) => v,
                 Err(r) => return r,
             };
@@ -193,7 +193,7 @@ pub(crate) async fn execute(
                 if r.nlb == 0 {
                     continue;
                 }
-                match range(ns.blocks, ns.block_size, r.slba, u64::from(r.nlb)) {
+                match range(ns.blocks(), ns.block_size, r.slba, u64::from(r.nlb)) {
                     Ok(v) => byte_ranges.push(v),
                     Err(reply) => return reply,
                 }

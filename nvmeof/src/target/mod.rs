@@ -35,6 +35,9 @@ pub enum TargetError {
     /// The configuration cannot be served.
     #[error("invalid target configuration: {0}")]
     Config(String),
+    /// No such subsystem or namespace is served.
+    #[error("not served: {0}")]
+    NotServed(String),
     /// Binding the listen address failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -173,7 +176,7 @@ fn build_subsystem(s: &SubsystemConfig) -> Result<Subsystem, TargetError> {
         });
         namespaces.push(Namespace {
             nsid,
-            blocks: n.backend.size() / u64::from(bs),
+            blocks: AtomicU64::new(n.backend.size() / u64::from(bs)),
             block_size: bs,
             backend: Arc::clone(&n.backend),
             nguid,
@@ -314,6 +317,23 @@ impl Target {
             written_bytes: get(&s.io.bytes_written),
             errors: get(&s.io.errors),
         })
+    }
+
+    /// Announce that namespace `nsid` of subsystem `subnqn` has a new size: the
+    /// target reads it again from the namespace's backend ([`Backend::size`], whole
+    /// blocks), I/O and Identify Namespace use it from then on, and every controller
+    /// of the subsystem gets a Namespace Attribute Changed asynchronous event (see
+    /// `docs/nvmeof.md`, "Asynchronous events"). Returns whether the size changed;
+    /// an error if the subsystem or namespace is not served.
+    ///
+    /// [`Backend::size`]: crate::backend::Backend::size
+    pub fn namespace_resized(&self, subnqn: &str, nsid: u32) -> Result<bool, TargetError> {
+        let sub = self
+            .shared
+            .subsystem(subnqn)
+            .ok_or_else(|| TargetError::NotServed(format!("subsystem {subnqn}")))?;
+        sub.namespace_resized(nsid)
+            .ok_or_else(|| TargetError::NotServed(format!("{subnqn}: namespace {nsid}")))
     }
 
     /// Start serving another subsystem while the target runs. Refused if its NQN is

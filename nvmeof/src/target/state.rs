@@ -5,8 +5,10 @@
 //! that name its controller id, so it is the one object every connection of a host
 //! association shares. Everything here is touched on the control path (connect,
 //! property access, keep-alive) or through atomics; the I/O path reads only
-//! immutable namespace data and bumps counters, so no lock is ever held across an
-//! await.
+//! namespace data that is immutable or atomic (the size, which a resize changes) and
+//! bumps counters, so no lock is ever held across an await. Asynchronous events are
+//! queued here, per controller, because the resize that causes them happens outside
+//! any connection; the admin queue's connection is woken to report them.
 
 use crate::backend::Backend;
 use crate::nvme::{CcRegister, CstsRegister, ErrorLogEntry, Status};
@@ -43,9 +45,17 @@ pub(crate) struct Namespace {
     pub backend: Arc<dyn Backend>,
     pub nguid: [u8; 16],
     pub uuid: [u8; 16],
-    /// Size in logical blocks.
-    pub blocks: u64,
+    /// Size in logical blocks: read by every I/O command's range check and by
+    /// Identify Namespace, changed only by [`Subsystem::namespace_resized`].
+    pub blocks: AtomicU64,
     pub block_size: u32,
+}
+
+impl Namespace {
+    /// Size in logical blocks now.
+    pub fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Acquire)
+    }
 }
 
 /// What kind of subsystem.
@@ -173,6 +183,8 @@ impl Subsystem {
             granted_io_queues: AtomicU16::new(max_io_queues),
             io_qids: Mutex::new(HashSet::new()),
             aec: AtomicU32::new(0),
+            events: Mutex::new(AsyncEvents::default()),
+            event_queued: Notify::new(),
             write_cache: AtomicBool::new(true),
             errors: Mutex::new(VecDeque::new()),
             error_count: AtomicU64::new(0),
@@ -187,6 +199,24 @@ impl Subsystem {
 
     pub fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
         lock(&self.controllers).get(&cntlid).cloned()
+    }
+
+    /// Re-read namespace `nsid`'s size from its backend. When it changed, every
+    /// controller of the subsystem records the NSID in its Changed Namespace List and
+    /// is sent a Namespace Attribute Changed notice (if it enabled them and the notice
+    /// is not masked). `None` if there is no such namespace; else whether the size
+    /// changed.
+    pub fn namespace_resized(&self, nsid: u32) -> Option<bool> {
+        let ns = self.namespace(nsid)?;
+        let blocks = ns.backend.size() / u64::from(ns.block_size);
+        if ns.blocks.swap(blocks, Ordering::AcqRel) == blocks {
+            return Some(false);
+        }
+        let ctrls: Vec<Arc<Controller>> = lock(&self.controllers).values().cloned().collect();
+        for c in ctrls {
+            c.namespace_changed(nsid);
+        }
+        Some(true)
     }
 }
 
@@ -214,6 +244,32 @@ pub(crate) struct Stats {
 /// Error log depth (ELPE + 1).
 pub(crate) const ERROR_LOG_ENTRIES: usize = 64;
 
+/// Asynchronous Event Configuration (Set Features 0Bh) bit 8: Namespace Attribute
+/// Notices. Identify Controller OAES reports the same bit.
+pub(crate) const AEC_NS_ATTR: u32 = 1 << 8;
+
+/// Completion DW0 of a Namespace Attribute Changed notice: event type 2h (Notice),
+/// information 00h (Namespace Attribute Changed), log page 04h (Changed Namespace
+/// List).
+pub(crate) const AEN_NS_ATTR_CHANGED: u32 = 0x0004_0002;
+
+/// Entries in the Changed Namespace List log page (4 KiB of NSIDs).
+pub(crate) const CHANGED_NS_MAX: usize = 1024;
+
+/// A controller's asynchronous event state.
+#[derive(Debug, Default)]
+struct AsyncEvents {
+    /// Completion DW0s of events waiting for an Asynchronous Event Request.
+    pending: VecDeque<u32>,
+    /// AEC bits whose events are masked: one was reported (or queued) and the host
+    /// has not read its log page yet.
+    masked: u32,
+    /// Changed Namespace List: NSIDs changed since the host last read it.
+    changed_ns: Vec<u32>,
+    /// More than [`CHANGED_NS_MAX`] namespaces changed: the log reads FFFFFFFFh.
+    changed_overflow: bool,
+}
+
 /// A controller: one host association with a subsystem.
 #[derive(Debug)]
 pub(crate) struct Controller {
@@ -233,6 +289,10 @@ pub(crate) struct Controller {
     granted_io_queues: AtomicU16,
     io_qids: Mutex<HashSet<u16>>,
     pub aec: AtomicU32,
+    /// Asynchronous events not yet reported and the logs they point at.
+    events: Mutex<AsyncEvents>,
+    /// Wakes the admin queue's connection when an event is queued.
+    event_queued: Notify,
     write_cache: AtomicBool,
     errors: Mutex<VecDeque<ErrorLogEntry>>,
     error_count: AtomicU64,
@@ -378,6 +438,66 @@ impl Controller {
                 map.remove(&self.cntlid);
             }
         }
+    }
+
+    /// Namespace `nsid` changed (its size): add it to the Changed Namespace List and
+    /// queue a Namespace Attribute Changed notice unless the host disabled those
+    /// (Set Features AEC bit 8) or one is already reported and its log not yet read.
+    pub fn namespace_changed(&self, nsid: u32) {
+        let queued = {
+            let mut ev = lock(&self.events);
+            if !ev.changed_overflow && !ev.changed_ns.contains(&nsid) {
+                if ev.changed_ns.len() == CHANGED_NS_MAX {
+                    ev.changed_ns.clear();
+                    ev.changed_overflow = true;
+                } else {
+                    ev.changed_ns.push(nsid);
+                }
+            }
+            let enabled = self.aec.load(Ordering::Acquire) & AEC_NS_ATTR != 0;
+            if enabled && ev.masked & AEC_NS_ATTR == 0 {
+                ev.masked |= AEC_NS_ATTR;
+                ev.pending.push_back(AEN_NS_ATTR_CHANGED);
+                true
+            } else {
+                false
+            }
+        };
+        if queued {
+            self.event_queued.notify_one();
+        }
+    }
+
+    /// The oldest event not yet reported, for an Asynchronous Event Request.
+    pub fn take_event(&self) -> Option<u32> {
+        lock(&self.events).pending.pop_front()
+    }
+
+    /// Resolves when an event has been queued since the last call returned (a queued
+    /// event stores a wakeup even when nobody waits).
+    pub async fn event_queued(&self) {
+        self.event_queued.notified().await;
+    }
+
+    /// The Changed Namespace List log page (4 KiB). Reading it clears the list and
+    /// unmasks Namespace Attribute Changed notices, unless `retain` (Get Log Page
+    /// RAE) is set.
+    pub fn changed_ns_log(&self, retain: bool) -> Vec<u8> {
+        let mut page = vec![0u8; CHANGED_NS_MAX * 4];
+        let mut ev = lock(&self.events);
+        if ev.changed_overflow {
+            page[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        } else {
+            for (slot, nsid) in page.chunks_exact_mut(4).zip(&ev.changed_ns) {
+                slot.copy_from_slice(&nsid.to_le_bytes());
+            }
+        }
+        if !retain {
+            ev.changed_ns.clear();
+            ev.changed_overflow = false;
+            ev.masked &= !AEC_NS_ATTR;
+        }
+        page
     }
 
     /// Record a failed command in the error log.
