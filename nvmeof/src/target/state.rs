@@ -574,3 +574,53 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> Arc<Controller> {
+        let sub = Arc::new(Subsystem::new(
+            SubsystemKind::Nvm,
+            "nqn.2026-11.io.dpu-offload:state-test".into(),
+            None,
+            "test".into(),
+            Vec::new(),
+            HashSet::new(),
+            true,
+        ));
+        sub.create_controller("nqn.host".into(), [0; 16], 0, 1)
+            .expect("a controller id")
+    }
+
+    fn nsids(page: &[u8]) -> Vec<u32> {
+        page.chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .take_while(|&n| n != 0)
+            .collect()
+    }
+
+    #[test]
+    fn changed_namespace_list_overflows_to_all_ones() {
+        let c = controller();
+        for nsid in 1..=1024 {
+            c.namespace_changed(nsid);
+            c.namespace_changed(nsid);
+        }
+        let page = c.changed_ns_log(true);
+        assert_eq!(page.len(), 4096);
+        assert_eq!(nsids(&page), (1..=1024).collect::<Vec<u32>>(), "each once");
+        // The 1025th changed namespace: the list is FFFFFFFFh alone, and stays so.
+        c.namespace_changed(5000);
+        c.namespace_changed(5001);
+        let page = c.changed_ns_log(false);
+        assert_eq!(nsids(&page), vec![u32::MAX]);
+        assert!(page[4..].iter().all(|&b| b == 0));
+        // Read without RAE: empty, then it records again.
+        assert!(nsids(&c.changed_ns_log(false)).is_empty());
+        c.namespace_changed(7);
+        assert_eq!(nsids(&c.changed_ns_log(false)), vec![7]);
+        // Notices were off (AEC 0): nothing was queued.
+        assert_eq!(c.take_event(), None);
+    }
+}
