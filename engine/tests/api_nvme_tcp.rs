@@ -110,7 +110,7 @@ async fn nvme_tcp_exports_through_the_api_share_data_with_nbd() -> TestResult {
 }
 
 /// Identify Namespace 1 now (the host library keeps the size it saw at connect).
-async fn identify_blocks(c: &Controller) -> Res<u64> {
+async fn identify_blocks(c: &Controller) -> Result<u64, Box<dyn std::error::Error>> {
     let r = c
         .admin(
             AdminCommand::Identify {
