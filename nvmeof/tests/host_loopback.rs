@@ -337,6 +337,7 @@ async fn connection_cut_with_tight_retry_loops_on_one_thread() {
 }
 
 async fn cut_mid_io(extents: u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let t = start_target(|_| {}).await;
     let proxy = Proxy::start(t.local_addr()).await;
     let mut hc = host_config(proxy.addr, 2, 32);
@@ -347,13 +348,24 @@ async fn cut_mid_io(extents: u64) {
     };
     let c = Controller::connect(hc).await.unwrap();
     const BLOCKS: u32 = 2;
-    let path_errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    const WRITERS: u64 = 64;
+    let path_errors = Arc::new(AtomicUsize::new(0));
+    let completed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for w in 0..64u64 {
+    // The writers keep rewriting their extents, a new version each round, until the
+    // cuts are over: the cuts are placed by progress, not by time, so they land on
+    // I/O in flight however fast or slow the machine is. Each writer returns the last
+    // version it wrote.
+    for w in 0..WRITERS {
         let c = c.clone();
         let errs = Arc::clone(&path_errors);
+        let done = Arc::clone(&completed);
+        let stop = Arc::clone(&stop);
         tasks.push(tokio::spawn(async move {
-            for round in 1..=3u32 {
+            let mut round = 0u32;
+            while round < 3 || !stop.load(Ordering::Relaxed) {
+                round += 1;
                 let mut i = w;
                 while i < extents {
                     let lba = i * u64::from(BLOCKS);
@@ -367,40 +379,53 @@ async fn cut_mid_io(extents: u64) {
                         {
                             Ok(()) => break,
                             Err(e) if e.is_retryable() => {
-                                errs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                errs.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => panic!("write {lba}: {e}"),
                         }
                     }
-                    i += 64;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += WRITERS;
                 }
             }
+            round
         }));
     }
-    // Cut every connection a few times while the writes run.
+    // Cut every connection three times, each after another `extents` writes have
+    // completed (one round's worth), while the writers run.
     let t0 = std::time::Instant::now();
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    for k in 1..=3u64 {
+        while completed.load(Ordering::Relaxed) < k * extents {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let n = proxy.cut_all();
-        eprintln!("{:?} cut {n}", t0.elapsed());
+        eprintln!(
+            "{:?} cut {n} after {} writes",
+            t0.elapsed(),
+            completed.load(Ordering::Relaxed)
+        );
     }
+    stop.store(true, Ordering::Relaxed);
+    let mut last = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        last.push(t.await.unwrap());
     }
     eprintln!(
-        "{:?} writes done, {} reconnects",
+        "{:?} writes done ({} completed), {} reconnects, {} path errors",
         t0.elapsed(),
-        c.reconnect_count()
+        completed.load(Ordering::Relaxed),
+        c.reconnect_count(),
+        path_errors.load(Ordering::Relaxed)
     );
     assert!(
         c.reconnect_count() >= 1,
         "the cuts forced at least one reconnect"
     );
     assert!(
-        path_errors.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        path_errors.load(Ordering::Relaxed) > 0,
         "some I/O saw the path failure"
     );
-    // Every extent holds its last version, byte for byte.
+    // Every extent holds its writer's last version, byte for byte.
     for i in 0..extents {
         let lba = i * u64::from(BLOCKS);
         let got = loop {
@@ -410,7 +435,11 @@ async fn cut_mid_io(extents: u64) {
                 Err(e) => panic!("{e}"),
             }
         };
-        assert!(got == block(lba, 3, 2), "extent at {lba} corrupted");
+        let version = last[usize::try_from(i % WRITERS).unwrap()];
+        assert!(
+            got == block(lba, version, 2),
+            "extent at {lba} does not hold version {version}"
+        );
     }
     drop(c);
     t.shutdown().await;
