@@ -49,6 +49,17 @@ struct Bed {
 }
 
 impl Bed {
+    /// A new testbed directory named after `prefix`, with the workspace's binaries
+    /// (built here when stale).
+    fn new(prefix: &str) -> Self {
+        Bed {
+            dir: tempfile::Builder::new().prefix(prefix).tempdir().unwrap(),
+            dpud: build_bin("engine", "dpud"),
+            dpuctl: build_bin("cli", "dpuctl"),
+            target: build_bin("nvmeof", "nvmeof-target"),
+        }
+    }
+
     fn workdir(&self) -> &Path {
         self.dir.path()
     }
@@ -533,15 +544,7 @@ fn setup_and_verify() -> (Bed, Vec<String>, Instant) {
         panic!("fio is not installed (scripts/install-deps.sh installs it)");
     }
     let t0 = Instant::now();
-    let bed = Bed {
-        dir: tempfile::Builder::new()
-            .prefix("e2e-dpud")
-            .tempdir()
-            .unwrap(),
-        dpud: build_bin("engine", "dpud"),
-        dpuctl: build_bin("cli", "dpuctl"),
-        target: build_bin("nvmeof", "nvmeof-target"),
-    };
+    let bed = Bed::new("e2e-dpud");
     bed.testbed(&[
         "up",
         "--nodes",
@@ -779,12 +782,7 @@ fn rebuild_after_a_node_kill_then_a_second_kill_loses_nothing() {
 
 /// Six 256 MiB testbed nodes in three domains and dpud.
 fn small_bed(prefix: &str) -> Bed {
-    let bed = Bed {
-        dir: tempfile::Builder::new().prefix(prefix).tempdir().unwrap(),
-        dpud: build_bin("engine", "dpud"),
-        dpuctl: build_bin("cli", "dpuctl"),
-        target: build_bin("nvmeof", "nvmeof-target"),
-    };
+    let bed = Bed::new(prefix);
     bed.testbed(&[
         "up",
         "--nodes",

@@ -40,15 +40,7 @@ use guest_e2e::*;
 #[ignore = "needs QEMU, the guest kernel and fio; a few minutes; run by scripts/test"]
 fn kernel_host_over_dpud_nvme_tcp_export() {
     let t0 = Instant::now();
-    let bed = Bed {
-        dir: tempfile::Builder::new()
-            .prefix("e2e-nvme")
-            .tempdir()
-            .unwrap(),
-        dpud: build_bin("engine", "dpud"),
-        dpuctl: build_bin("cli", "dpuctl"),
-        target: build_bin("nvmeof", "nvmeof-target"),
-    };
+    let bed = Bed::new("e2e-nvme");
     bed.testbed(&[
         "up",
         "--nodes",

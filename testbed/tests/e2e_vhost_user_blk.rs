@@ -67,15 +67,7 @@ fn guest_config(name: &str, script: String, socket: &Path) -> GuestConfig {
 #[ignore = "needs QEMU, the guest kernel and fio; a few minutes; run by scripts/test"]
 fn qemu_guest_over_dpud_vhost_user_blk_export() {
     let t0 = Instant::now();
-    let bed = Bed {
-        dir: tempfile::Builder::new()
-            .prefix("e2e-vub")
-            .tempdir()
-            .unwrap(),
-        dpud: build_bin("engine", "dpud"),
-        dpuctl: build_bin("cli", "dpuctl"),
-        target: build_bin("nvmeof", "nvmeof-target"),
-    };
+    let bed = Bed::new("e2e-vub");
     bed.testbed(&[
         "up",
         "--nodes",

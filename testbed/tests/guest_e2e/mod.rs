@@ -20,6 +20,17 @@ pub struct Bed {
 }
 
 impl Bed {
+    /// A new testbed directory named after `prefix`, with the workspace's binaries
+    /// (built here when stale).
+    pub fn new(prefix: &str) -> Self {
+        Bed {
+            dir: tempfile::Builder::new().prefix(prefix).tempdir().unwrap(),
+            dpud: build_bin("engine", "dpud"),
+            dpuctl: build_bin("cli", "dpuctl"),
+            target: build_bin("nvmeof", "nvmeof-target"),
+        }
+    }
+
     pub fn workdir(&self) -> &Path {
         self.dir.path()
     }
