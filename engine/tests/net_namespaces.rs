@@ -117,6 +117,42 @@ impl Lab {
         self.ns_cmd(i, args).output().unwrap()
     }
 
+    /// Three pings from host `i` to `ip`, which must all be answered; returns ping's
+    /// output. `what` names the path in the failure message.
+    fn ping_ok(&self, i: usize, ip: &str, what: &str) -> String {
+        let o = self.ns_run(i, &["ping", "-c", "3", "-i", "0.2", "-W", "2", ip]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{what}: {out}");
+        out
+    }
+
+    /// Host `i` downloads `http://<ip>:8000/blob` with curl, which must succeed and
+    /// give exactly `blob`.
+    fn download_ok(&self, i: usize, ip: &str, blob: &[u8], what: &str) {
+        let got = self.dir.path().join("got");
+        let o = self.ns_run(
+            i,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "60",
+                "-o",
+                got.to_str().unwrap(),
+                &format!("http://{ip}:8000/blob"),
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            std::fs::read(&got).unwrap() == blob,
+            "downloaded file differs"
+        );
+    }
+
     fn spawn(&mut self, i: usize, args: &[&str]) {
         let c = self
             .ns_cmd(i, args)
@@ -421,46 +457,14 @@ fn namespaced_hosts_through_the_switch_and_firewall() {
     });
     let echo_rule = ids[2];
 
-    let o = lab.ns_run(0, &["ping", "-c", "3", "-i", "0.2", "-W", "2", B_IP]);
-    assert!(
-        o.status.success(),
-        "ping A->B: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    eprintln!(
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-    );
+    let out = lab.ping_ok(0, B_IP, "ping A->B");
+    eprintln!("{}", out.lines().last().unwrap_or(""));
     let o = lab.ns_run(1, &["ping", "-c", "1", "-W", "1", A_IP]);
     assert!(!o.status.success(), "B may not ping A");
 
     // HTTP download, checked byte for byte.
-    let got = lab.dir.path().join("got");
     let t = Instant::now();
-    let o = lab.ns_run(
-        0,
-        &[
-            "curl",
-            "-s",
-            "--max-time",
-            "60",
-            "-o",
-            got.to_str().unwrap(),
-            &format!("http://{B_IP}:8000/blob"),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        std::fs::read(&got).unwrap() == blob,
-        "downloaded file differs"
-    );
+    lab.download_ok(0, B_IP, &blob, "curl");
     eprintln!(
         "HTTP download of {} MiB: {:?}",
         blob.len() >> 20,
@@ -771,34 +775,8 @@ fn vxlan_joins_hosts_behind_two_switches() {
     );
     wait_for_port(&lab, 8000);
 
-    let o = lab.ns_run(0, &["ping", "-c", "3", "-i", "0.2", "-W", "2", B_IP]);
-    assert!(
-        o.status.success(),
-        "ping over VXLAN: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    let got = lab.dir.path().join("got");
-    let o = lab.ns_run(
-        0,
-        &[
-            "curl",
-            "-s",
-            "--max-time",
-            "60",
-            "-o",
-            got.to_str().unwrap(),
-            &format!("http://{B_IP}:8000/blob"),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "curl over VXLAN: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        std::fs::read(&got).unwrap() == blob,
-        "downloaded file differs"
-    );
+    lab.ping_ok(0, B_IP, "ping over VXLAN");
+    lab.download_ok(0, B_IP, &blob, "curl over VXLAN");
     for (sw, t) in switches.iter().zip(&tunnels) {
         let t = *t;
         let c = sw.with(move |dp| {
@@ -864,34 +842,8 @@ fn af_xdp_ports_carry_ping_and_tcp_through_the_firewall() {
         dp.add_rule(allow_from(pa, IPPROTO_ICMP, None));
         dp.add_rule(allow_from(pa, IPPROTO_TCP, Some(8000)));
     });
-    let o = lab.ns_run(0, &["ping", "-c", "3", "-i", "0.2", "-W", "2", B_IP]);
-    assert!(
-        o.status.success(),
-        "ping A->B over AF_XDP: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    let got = lab.dir.path().join("got");
-    let o = lab.ns_run(
-        0,
-        &[
-            "curl",
-            "-s",
-            "--max-time",
-            "60",
-            "-o",
-            got.to_str().unwrap(),
-            &format!("http://{B_IP}:8000/blob"),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        std::fs::read(&got).unwrap() == blob,
-        "downloaded file differs"
-    );
+    lab.ping_ok(0, B_IP, "ping A->B over AF_XDP");
+    lab.download_ok(0, B_IP, &blob, "curl");
     let (rx_frames, _, _) = sw.finish();
     assert!(rx_frames > 1000, "the switch saw only {rx_frames} frames");
 }
